@@ -1,0 +1,106 @@
+"""The `llm-api` command: serve, download, --version."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app import __version__
+from app.settings import Settings, SettingsError, load_settings, model_entries
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Serve open LLMs behind a protected HTTP API.")
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config; default: $LLM_API_CONFIG, else ./config.yaml.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llm-api {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+          ) -> None:
+    """llm-api command line."""
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def serve(config: ConfigOption = None,
+          host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+          port: Annotated[int | None, typer.Option(help="TCP port.")] = None) -> None:
+    """Download (if needed), load and serve the configured models."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(config)
+    if host:
+        settings.server.host = host
+    if port:
+        settings.server.port = port
+    _logging(settings.server.log_level)
+    failed = False
+
+    def on_load_failure() -> None:
+        nonlocal failed
+        failed = True
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.server.host,
+                                           port=settings.server.port,
+                                           log_level=settings.server.log_level))
+    server.run()
+    if failed:
+        typer.echo("error: a model could not be loaded (see the log above)", err=True)
+        raise typer.Exit(1)
+
+
+@cli.command()
+def download(config: ConfigOption = None) -> None:
+    """Fetch the weights of every configured model into models_dir, then exit."""
+    from app.pool import resolve_weights
+    from backends.errors import ModelLoadError
+
+    settings = _settings(config)
+    _logging(settings.server.log_level)
+    ok = True
+    for entry in model_entries(settings):
+        where = ".".join((*settings.config_path(entry.name), "setup_params"))
+        try:
+            path = resolve_weights(entry, settings.models_dir, where)
+        except ModelLoadError as exc:
+            typer.echo(f"error: {entry.name}: {exc.message}", err=True)
+            ok = False
+            continue
+        typer.echo(f"{entry.name}: {path if path else '(no files needed)'}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

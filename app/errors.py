@@ -1,0 +1,168 @@
+"""The one error table: domain exceptions → HTTP status + `{"error": {...}}` and SSE frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backends.errors import (
+    BackendFailure,
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequest,
+    LLMAPIError,
+    ModelLoadError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LLMAPIError):
+    pass
+
+
+class ModelNotReady(LLMAPIError):
+    retry_after = 5
+
+
+class Overloaded(LLMAPIError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(LLMAPIError):
+    pass
+
+
+class ClientDisconnected(LLMAPIError):
+    pass
+
+
+class InvalidParams(LLMAPIError):
+    """A request field is out of range or unknown (422)."""
+
+
+class PayloadTooLarge(LLMAPIError):
+    pass
+
+
+class Unauthorized(LLMAPIError):
+    pass
+
+
+class Forbidden(LLMAPIError):
+    pass
+
+
+class QuotaExceeded(LLMAPIError):
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str | None = None
+
+
+# Most specific first: the first entry the exception is an instance of wins.
+ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
+    (ContextLengthExceeded, ErrorSpec(400, "invalid_request_error", "context_length_exceeded")),
+    (CapabilityNotSupported, ErrorSpec(400, "invalid_request_error", "unsupported_capability")),
+    (InvalidRequest, ErrorSpec(400, "invalid_request_error", "invalid_request")),
+    (InvalidParams, ErrorSpec(422, "invalid_request_error", "invalid_parameter")),
+    (Unauthorized, ErrorSpec(401, "authentication_error", "invalid_api_key")),
+    (Forbidden, ErrorSpec(403, "permission_error", "forbidden")),
+    (ModelNotFound, ErrorSpec(404, "invalid_request_error", "model_not_found")),
+    (PayloadTooLarge, ErrorSpec(413, "invalid_request_error", "payload_too_large")),
+    (QuotaExceeded, ErrorSpec(429, "rate_limit_error", "quota_exceeded")),
+    (Overloaded, ErrorSpec(503, "overloaded_error", "queue_full")),
+    (ModelNotReady, ErrorSpec(503, "overloaded_error", "model_not_ready")),
+    (ClientDisconnected, ErrorSpec(499, "invalid_request_error", "client_closed_request")),
+    (RequestTimeout, ErrorSpec(504, "timeout_error", "request_timeout")),
+    (ModelLoadError, ErrorSpec(500, "server_error", "model_load_failed")),
+    (BackendFailure, ErrorSpec(500, "server_error", "backend_failure")),
+    (LLMAPIError, ErrorSpec(500, "server_error", None)),
+)
+
+
+def spec_for(exc: LLMAPIError) -> ErrorSpec:
+    return next(spec for cls, spec in ERROR_TABLE if isinstance(exc, cls))
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def body_for(exc: LLMAPIError) -> dict[str, Any]:
+    spec = spec_for(exc)
+    return error_body(exc.message, spec.type, exc.param, spec.code)
+
+
+def response_for(exc: LLMAPIError) -> JSONResponse:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(body_for(exc), status_code=spec_for(exc).status, headers=headers)
+
+
+def sse_error(exc: LLMAPIError) -> dict[str, str]:
+    """The frame that ends a stream which fails after it began."""
+    return {"event": "error", "data": json.dumps(body_for(exc))}
+
+
+def as_domain_error(exc: BaseException) -> LLMAPIError:
+    """Domain errors pass through; anything else is logged and hidden behind a generic one."""
+    if isinstance(exc, LLMAPIError):
+        return exc
+    log.error("unexpected failure", exc_info=exc)
+    return BackendFailure()
+
+
+def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    if err.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if err.get("type") == "missing":
+        return f"'{param}' is required.", param
+    return (f"'{param}': {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LLMAPIError)
+    async def _domain(_: Request, exc: LLMAPIError) -> JSONResponse:
+        if spec_for(exc).status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return response_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        messages, params = zip(*(_validation_message(e) for e in exc.errors()), strict=True)
+        return response_for(InvalidParams("; ".join(messages), param=params[0]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: "No such route.", 405: "Method not allowed on this route."}.get(
+            exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, "invalid_request_error", None, kind),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return response_for(as_domain_error(exc))

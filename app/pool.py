@@ -1,0 +1,73 @@
+"""The served models: one scheduler each, looked up by name."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.errors import ModelNotFound
+from app.scheduler import ModelScheduler
+from app.settings import ModelEntry
+from backends.base import Backend, ModelSpec
+from backends.errors import ModelLoadError
+from backends.hub import fetch_file
+
+log = logging.getLogger(__name__)
+
+
+def resolve_weights(entry: ModelEntry, models_dir: Path, where: str) -> Path | None:
+    """The model's local weights, downloaded from the hub when needed."""
+    setup = entry.setup
+    if setup.model_path is not None:
+        if not setup.model_path.exists():
+            raise ModelLoadError(f"{where}.model_path '{setup.model_path}' does not exist")
+        return setup.model_path
+    if entry.backend.weights is None:
+        return None
+    if not setup.filename:
+        raise ModelLoadError(f"{where}.filename is required for model_family "
+                             f"'{entry.family}': name the weights file in {setup.repo_id}")
+    assert setup.repo_id is not None  # model_entries() checked there is a source
+    return fetch_file(models_dir, setup.repo_id, setup.filename, setup.revision, where)
+
+
+def load_model(entry: ModelEntry, models_dir: Path, where: str) -> Backend:
+    path = resolve_weights(entry, models_dir, where)
+    log.info("loading model %s (%s) from %s", entry.name, entry.family, path)
+    return entry.backend.load(ModelSpec(name=entry.name, params=entry.params, path=path,
+                                        setup_params=entry.setup.model_dump()))
+
+
+class ModelPool:
+    """Starts, finds and stops the schedulers of every configured model."""
+
+    def __init__(self, entries: list[ModelEntry], models_dir: Path,
+                 where: dict[str, str]) -> None:
+        self.entries = {e.name: e for e in entries}
+        self.schedulers = {
+            e.name: ModelScheduler(
+                e.name, lambda e=e: load_model(e, models_dir, where[e.name]),
+                max_queue=e.max_queue, request_timeout=e.request_timeout,
+                default_max_tokens=e.default_max_tokens)
+            for e in entries
+        }
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    def stop(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.stop()
+
+    def get(self, name: str | None) -> ModelScheduler:
+        if name is None:
+            return next(iter(self.schedulers.values()))
+        try:
+            return self.schedulers[name]
+        except KeyError:
+            raise ModelNotFound(f"Model '{name}' is not served here; available: "
+                                f"{', '.join(self.schedulers)}.", param="model") from None
+
+    def all_ready(self) -> bool:
+        return all(s.state == "ready" for s in self.schedulers.values())

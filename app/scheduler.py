@@ -1,0 +1,243 @@
+"""Per-model scheduling: one engine thread, a bounded queue, cancellation and timeouts.
+
+The engine (llama.cpp, transformers, ...) is blocking and usually not thread-safe, so every
+call into a model's backend happens on that model's engine thread. Requests submit *work*
+(a function of the backend that yields items); items cross back to the event loop through an
+asyncio queue. A disconnect or a timeout sets the job's cancel flag, which the engine thread
+checks before every item: a queued job is dropped, a running one stops at its next token.
+
+A batching engine (a later issue) replaces `_serve_jobs` and keeps `submit` as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import (
+    ClientDisconnected,
+    ModelNotReady,
+    Overloaded,
+    RequestTimeout,
+    as_domain_error,
+)
+from backends.base import Backend, Chunk
+from backends.errors import LLMAPIError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[Backend], Iterator[Any]]
+_END = object()
+
+
+@dataclass
+class SchedulerStats:
+    queued: int = 0
+    running: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens_generated: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """One request's work and the channel its results travel back on."""
+
+    work: Work
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def next(self) -> Any:
+        """The next item; domain errors re-raised; past the deadline, cancel and time out."""
+        remaining = self.deadline - self.loop.time()
+        try:
+            item = await asyncio.wait_for(self.out.get(), max(remaining, 0.001))
+        except TimeoutError:
+            self.cancel()
+            raise RequestTimeout("The request took longer than the server's request_timeout "
+                                 "and was cancelled.") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class JobStream:
+    """Async iteration over a running job; `close()` cancels it (idempotent)."""
+
+    def __init__(self, job: Job, first: Any) -> None:
+        self._job = job
+        self.first = first
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            item = self.first
+            while item is not _END:
+                yield item
+                item = await self._job.next()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._job.cancel()
+
+
+class ModelScheduler:
+    """Owns one model's backend and the single thread that may touch it."""
+
+    def __init__(self, name: str, loader: Callable[[], Backend], *, max_queue: int,
+                 request_timeout: float, default_max_tokens: int | None = None) -> None:
+        self.name = name
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.default_max_tokens = default_max_tokens
+        self.state = "loading"
+        self.error: str | None = None
+        self.stats = SchedulerStats()
+        self.backend: Backend | None = None
+        self._loader = loader
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def wait_loaded(self) -> None:
+        await asyncio.to_thread(self._loaded.wait)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            self.backend = self._loader()
+        except Exception as exc:  # noqa: BLE001 - reported through state and the log
+            self.state = "failed"
+            self.error = exc.message if isinstance(exc, LLMAPIError) else \
+                f"loading failed ({type(exc).__name__}); see the server log"
+            if not isinstance(exc, ModelLoadError):
+                log.exception("model %s failed to load", self.name)
+            self._loaded.set()
+            self._drain("the model failed to load")
+            return
+        self.state = "ready"
+        self._loaded.set()
+        log.info("model %s is ready", self.name)
+        try:
+            self._serve_jobs(self.backend)
+        finally:
+            self.state = "stopped"
+            self._drain("the server is shutting down")
+            self.backend.close()
+
+    def _drain(self, why: str) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(ModelNotReady(f"Model '{self.name}' is unavailable: {why}."))
+
+    # -- the engine loop -------------------------------------------------------------------
+
+    def _serve_jobs(self, backend: Backend) -> None:
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                self.stats.queued -= 1
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    continue
+                self.stats.running += 1
+            started = time.monotonic()
+            outcome = self._run(job, backend)
+            with self._lock:
+                self.stats.running -= 1
+                self.stats.busy_seconds += time.monotonic() - started
+                setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+
+    def _run(self, job: Job, backend: Backend) -> str:
+        items = job.work(backend)
+        try:
+            for item in items:
+                if job.cancelled.is_set():
+                    job.emit(ClientDisconnected("The request was cancelled."))
+                    return "cancelled"
+                if isinstance(item, Chunk) and item.finish_reason is None \
+                        and item.prompt_tokens is None:
+                    self.stats.tokens_generated += 1
+                job.emit(item)
+            job.emit(_END)
+            return "completed"
+        except Exception as exc:  # noqa: BLE001 - becomes the client's error
+            job.emit(as_domain_error(exc))
+            return "failed"
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    # -- the request side ------------------------------------------------------------------
+
+    def _admit(self, work: Work) -> Job:
+        if self.state != "ready":
+            if self.state == "loading":
+                raise ModelNotReady(f"Model '{self.name}' is still loading; retry shortly.")
+            raise ModelNotReady(f"Model '{self.name}' is not available ({self.state}).")
+        loop = asyncio.get_running_loop()
+        job = Job(work=work, loop=loop, deadline=loop.time() + self.request_timeout)
+        with self._lock:
+            if self.stats.queued + self.stats.running > self.max_queue:
+                raise Overloaded(
+                    f"Model '{self.name}' is busy: {self.stats.queued} requests are waiting "
+                    f"(max_queue={self.max_queue}). Retry later.", self._retry_after())
+            self.stats.queued += 1
+        self._jobs.put(job)
+        return job
+
+    def _retry_after(self) -> int:
+        done = self.stats.completed + self.stats.failed
+        average = self.stats.busy_seconds / done if done else 1.0
+        return max(1, min(60, round(average * (self.stats.queued + 1))))
+
+    async def open_stream(self, work: Work) -> JobStream:
+        """Admit `work` and wait for its first item, so errors before it are plain errors."""
+        job = self._admit(work)
+        try:
+            first = await job.next()
+        except BaseException:
+            job.cancel()
+            raise
+        return JobStream(job, first)
+
+    async def call(self, fn: Callable[[Backend], Any]) -> Any:
+        """Run one blocking call on the engine thread and return its result."""
+        def work(backend: Backend) -> Iterator[Any]:
+            yield fn(backend)
+
+        stream = await self.open_stream(work)
+        stream.close()
+        return stream.first

@@ -1,0 +1,97 @@
+"""Request schemas of the native API. Each turns itself into backend words (`to_request`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from backends.base import GenerationParams, GenerationRequest
+
+MAX_STOP_SEQUENCES = 16
+MAX_TEXT_CHARS = 1_000_000
+
+
+class StrictSchema(BaseModel):
+    """Unknown fields are rejected with the list of the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown parameter(s): {', '.join(unknown)}; allowed: "
+                                 f"{', '.join(cls.model_fields)}")
+        return data
+
+
+class NativeParams(StrictSchema):
+    """Sampling parameters of /generate and /agenerate (llama.cpp's names)."""
+
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most tokens to "
+                                   "generate; default: what the context leaves room for.")
+    temperature: float = Field(0.8, ge=0, le=2, description="0 = greedy.")
+    top_p: float = Field(0.95, ge=0, le=1)
+    top_k: int = Field(40, ge=0, le=100_000, description="0 = disabled.")
+    min_p: float = Field(0.05, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0, le=10)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings; generation "
+                                         "ends before the first one and it is not returned.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Fixed seed for sampling.")
+    echo: bool = Field(False, description="Return the prompt before the completion.")
+    suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS,
+                               description="Text appended after the completion.")
+
+    @model_validator(mode="after")
+    def _bounded_stop(self) -> NativeParams:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
+        if any(not s or len(s) > 500 for s in stops):
+            raise ValueError("each stop string must have 1 to 500 characters")
+        return self
+
+    def to_params(self) -> GenerationParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            stop=stop, seed=self.seed, echo=self.echo, suffix=self.suffix)
+
+
+class GenerateRequest(StrictSchema):
+    """Body of /generate and /agenerate."""
+
+    prompt: str = Field(max_length=MAX_TEXT_CHARS, description="The text to continue.")
+    params: NativeParams | None = Field(None, description="Sampling parameters.")
+    model: str | None = Field(None, max_length=200, description="Model name; default: the "
+                              "first configured model.")
+
+    def to_request(self) -> GenerationRequest:
+        return GenerationRequest(prompt=self.prompt,
+                                 params=(self.params or NativeParams()).to_params())
+
+
+class EmbeddingsRequest(StrictSchema):
+    """Body of /embeddings: one text, or a list of texts."""
+
+    text: str | list[str] = Field(description="A text, or a list of texts.")
+    model: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _bounded_texts(self) -> EmbeddingsRequest:
+        texts = [self.text] if isinstance(self.text, str) else self.text
+        if isinstance(self.text, list) and not texts:
+            raise ValueError("text must not be an empty list")
+        if sum(len(t) for t in texts) > MAX_TEXT_CHARS:
+            raise ValueError(f"texts hold more than {MAX_TEXT_CHARS} characters in total")
+        return self
+
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)

@@ -1,0 +1,250 @@
+"""The settings tree: one validated object, loaded in one place.
+
+Sources, strongest first: arguments, `LLM_API_*` environment variables (nested with `__`,
+deep-merged into the file), the YAML file, field defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from backends.base import Backend, ModelParams
+from backends.registry import UnknownFamily, backend_class
+
+ENV_PREFIX = "LLM_API_"
+DEFAULT_CONFIG = Path("config.yaml")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message names the key path and where it came from."""
+
+
+class SetupParams(BaseModel):
+    """Where a model's files come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str | None = Field(None, description="Hugging Face Hub repository, e.g. "
+                                "'Qwen/Qwen2.5-0.5B-Instruct-GGUF'.")
+    filename: str | None = Field(None, description="File in the repository; a glob such as "
+                                 "'*q4_k_m.gguf' must match exactly one file.")
+    revision: str | None = Field(None, description="Branch, tag or commit; default 'main'.")
+    model_path: Path | None = Field(None, description="A local weights file or directory; "
+                                    "when set, the hub is not used at all.")
+
+
+class ModelConfig(BaseModel):
+    """One served model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_family: str = Field("llama", description="Backend family: llama, or a plugin's name.")
+    setup_params: SetupParams = Field(default_factory=SetupParams,
+                                      description="Where the weights come from.")
+    model_params: dict[str, Any] = Field(
+        default_factory=dict, description="Engine options, validated by the family's schema.")
+    max_queue: int | None = Field(None, ge=0, le=10_000,
+                                  description="Overrides server.max_queue for this model.")
+    request_timeout: float | None = Field(None, gt=0,
+                                          description="Overrides server.request_timeout.")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens of requests "
+                                           "that set none; default: what the context leaves.")
+
+
+class ServerSettings(BaseModel):
+    """HTTP server and request limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
+                           description="Log level of the server.")
+    max_queue: int = Field(16, ge=0, le=10_000, description="Requests that may wait per model "
+                           "while one runs; more get 503 with Retry-After.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in "
+                                   "total (queue + generation) before it is cancelled.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    max_embedding_inputs: int = Field(256, ge=1, le=100_000,
+                                      description="Most texts in one /embeddings request.")
+    sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive "
+                                    "comments on streaming responses.")
+
+
+class Settings(BaseSettings):
+    """Everything the server reads from config.yaml and the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+        protected_namespaces=(), nested_model_default_partial_update=False,
+    )
+
+    models_dir: Path = Field(Path("models"), description="Where downloaded weights are kept "
+                             "(a mounted volume in containers).")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: dict[str, ModelConfig] = Field(default_factory=dict,
+                                           description="Served models by name.")
+    # The classic single-model form; folded into `models` under a derived name.
+    model_family: str | None = Field(None, description="Classic form: the one model's family.")
+    setup_params: SetupParams | None = Field(None, description="Classic form: its files.")
+    model_params: dict[str, Any] | None = Field(None, description="Classic form: its options.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _fold_classic_form(self) -> Settings:
+        if self.setup_params is None:
+            if self.model_family is not None or self.model_params is not None:
+                raise ValueError("model_family/model_params need setup_params (classic form)")
+            if not self.models:
+                raise ValueError("no model configured: set setup_params (classic form) or "
+                                 "models: {name: {model_family, setup_params, model_params}}")
+            return self
+        if self.models:
+            raise ValueError("use either the classic keys (model_family, setup_params, "
+                             "model_params) or models:, not both")
+        self.models = {classic_model_name(self.setup_params): ModelConfig(
+            model_family=self.model_family or "llama", setup_params=self.setup_params,
+            model_params=self.model_params or {})}
+        return self
+
+    def is_classic(self) -> bool:
+        return self.setup_params is not None
+
+    def config_path(self, name: str) -> tuple[str, ...]:
+        """Key path of a model's entry as the user wrote it."""
+        return () if self.is_classic() else ("models", name)
+
+
+def classic_model_name(setup: SetupParams) -> str:
+    """Derive a model name from the classic form's files."""
+    if setup.filename and not _GLOB_CHARS.search(setup.filename):
+        name = Path(setup.filename).name
+    elif setup.repo_id:
+        name = setup.repo_id.rsplit("/", 1)[-1]
+    else:
+        name = Path(str(setup.model_path)).name
+    return re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE).lower()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A configured model with its family resolved and its params validated."""
+
+    name: str
+    family: str
+    backend: type[Backend]
+    params: ModelParams
+    setup: SetupParams
+    max_queue: int
+    request_timeout: float
+    default_max_tokens: int | None
+
+
+def load_settings(config: str | Path | None = None) -> Settings:
+    """Read the config file and the environment; raise SettingsError on anything invalid."""
+    explicit = config or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG
+    if explicit and not path.is_file():
+        raise SettingsError(f"config file '{path}' does not exist")
+    source = f"config file '{path}'" if path.is_file() else "defaults"
+    try:
+        if path.is_file():
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if data is not None and not isinstance(data, dict):
+                raise SettingsError(f"config file '{path}' must hold a mapping of settings")
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config,
+                                                                "yaml_file": path}})
+        settings: Settings = cls()
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file '{path}' is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, source)) from None
+    model_entries(settings, source)
+    return settings
+
+
+def model_entries(settings: Settings, source: str = "settings") -> list[ModelEntry]:
+    """Resolve every model's family and validate its params against the family's schema."""
+    entries = []
+    problems: list[str] = []
+    for name, cfg in settings.models.items():
+        where = settings.config_path(name)
+        try:
+            backend = backend_class(cfg.model_family)
+        except UnknownFamily as exc:
+            problems.append(_line((*where, "model_family"), str(exc), source))
+            continue
+        setup = cfg.setup_params
+        if backend.weights is not None and setup.model_path is None and setup.repo_id is None:
+            problems.append(_line((*where, "setup_params"), "set model_path (a local file) or "
+                                  "repo_id + filename (a file on the Hugging Face Hub)", source))
+            continue
+        try:
+            params = backend.Params.model_validate(cfg.model_params)
+        except ValidationError as exc:
+            problems.extend(_lines(exc, source, (*where, "model_params"), backend.Params))
+            continue
+        entries.append(ModelEntry(
+            name=name, family=cfg.model_family, backend=backend, params=params,
+            setup=cfg.setup_params,
+            max_queue=settings.server.max_queue if cfg.max_queue is None else cfg.max_queue,
+            request_timeout=cfg.request_timeout or settings.server.request_timeout,
+            default_max_tokens=cfg.default_max_tokens))
+    if problems:
+        raise SettingsError("invalid settings:\n" + "\n".join(problems))
+    return entries
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    return "invalid settings:\n" + "\n".join(_lines(exc, source, ()))
+
+
+def _lines(exc: ValidationError, source: str, prefix: tuple[str, ...],
+           schema: type[BaseModel] | None = None) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = (*prefix, *(str(p) for p in err["loc"]))
+        if err["type"] == "extra_forbidden" and schema is not None:
+            message = f"unknown key; accepted keys: {', '.join(schema.model_fields)}"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = err["msg"]
+        lines.append(_line(loc, message, source))
+    return lines
+
+
+def _line(loc: tuple[str, ...], message: str, source: str) -> str:
+    key = ".".join(loc) or "(root)"
+    return f"  {key}: {message} (from {_origin(loc, source)})"
+
+
+def _origin(loc: tuple[str, ...], source: str) -> str:
+    """The environment variable that set `loc` (or one of its parents), else the file."""
+    upper = {k.upper(): k for k in os.environ}
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:depth]).upper()
+        if name in upper:
+            return f"environment variable {upper[name]}"
+    return source

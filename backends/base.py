@@ -1,0 +1,169 @@
+"""The backend contract: what every model family implements.
+
+A backend is used from exactly one thread at a time (its model's engine thread), so it may
+wrap engines that are not thread-safe. Generation is stream-first: a non-streaming answer is
+the collected stream, so there is one code path.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from backends.errors import CapabilityNotSupported
+
+GENERATE = "generate"
+CHAT = "chat"
+EMBED = "embed"
+TOKENIZE = "tokenize"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Backend words for sampling; every API schema turns itself into one of these."""
+
+    max_tokens: int | None = None  # None: as many as the context leaves room for
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt (or chat messages) plus the parameters to generate with."""
+
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a generation stream.
+
+    The first chunk a backend yields may carry empty text: it signals that the prompt was
+    accepted (checked against the context) so the server can commit to a streaming response.
+    The last chunk carries `finish_reason` ("stop" or "length") and the token counts.
+    """
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ModelParams(BaseModel):
+    """Base of each family's `model_params` schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a loader gets: the model's name, its validated params and its local files."""
+
+    name: str
+    params: ModelParams
+    path: Path | None  # the weights file or snapshot directory, None for plugins without files
+    setup_params: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Base class of a model family.
+
+    Subclasses set `Params` (their `model_params` schema) and `capabilities`, implement
+    `load` and the methods their capabilities promise.
+    """
+
+    family: ClassVar[str] = ""
+    Params: ClassVar[type[ModelParams]] = ModelParams
+    capabilities: frozenset[str] = frozenset({GENERATE})
+    #: Families whose weights come from the hub as a single file (`filename`) rather than a
+    #: whole repository snapshot; None for families that need no files at all.
+    weights: ClassVar[str | None] = "file"
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, spec: ModelSpec) -> Backend:
+        """Load the model. Runs in the model's engine thread."""
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the context holds (prompt + completion), None when unbounded."""
+        return None
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        """Stream the completion. Raise domain errors before the first chunk."""
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        raise CapabilityNotSupported(f"Model family '{self.family}' does not produce embeddings.")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        raise CapabilityNotSupported(f"Model family '{self.family}' does not tokenize.")
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise CapabilityNotSupported(f"Model family '{self.family}' does not detokenize.")
+
+    def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
+        raise CapabilityNotSupported(f"Model family '{self.family}' has no chat template.")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release the engine's memory. Called once, in the engine thread."""
+
+
+class AlgorithmBackend(Backend):
+    """Adapter for an existing "algorithm" class with a `run(text)` method.
+
+    `run` may return a string (sent as one piece) or an iterable of strings (streamed).
+    Build a family with `AlgorithmBackend.wrap(MyAlgorithm)`; the algorithm's constructor gets
+    the model's `model_params` as keyword arguments.
+    """
+
+    weights: ClassVar[str | None] = None
+    algorithm: ClassVar[Callable[..., Any]]
+
+    class Params(ModelParams):
+        model_config = ConfigDict(extra="allow")
+
+    def __init__(self, instance: Any) -> None:
+        self.instance = instance
+
+    @classmethod
+    def wrap(cls, algorithm: Callable[..., Any], family: str | None = None) -> type[Backend]:
+        name = family or getattr(algorithm, "__name__", "algorithm").lower()
+        return type(f"{name.title()}Backend", (cls,), {"algorithm": algorithm, "family": name})
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Backend:
+        return cls(cls.algorithm(**spec.params.model_dump()))
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        if request.prompt is None:
+            raise CapabilityNotSupported(f"Model family '{self.family}' takes a plain prompt only.")
+        yield Chunk()
+        result = self.instance.run(request.prompt)
+        pieces = [result] if isinstance(result, str) else result
+        count = 0
+        for piece in pieces:
+            count += 1
+            yield Chunk(text=str(piece))
+        yield Chunk(finish_reason="stop", prompt_tokens=0, completion_tokens=count)
+
+    def close(self) -> None:
+        closer = getattr(self.instance, "close", None)
+        if callable(closer):
+            closer()

@@ -1,0 +1,135 @@
+"""Fetch model weights from the Hugging Face Hub into `models_dir`.
+
+Layout: `<models_dir>/<owner>/<repo>/<file>` (readable, by repo id). A file present there is
+complete (huggingface_hub writes to a temporary name and renames at the end), so it is reused
+without any request: a restart works with the hub unreachable or `HF_HUB_OFFLINE=1`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import logging
+import os
+import re
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from backends.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+_GLOB = re.compile(r"[*?\[]")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _endpoint() -> str | None:
+    # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import).
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def repo_dir(models_dir: Path, repo_id: str) -> Path:
+    return models_dir / Path(*repo_id.split("/"))
+
+
+def local_match(folder: Path, pattern: str) -> list[Path]:
+    """Complete files under `folder` matching `pattern` (huggingface_hub's temp dir excluded)."""
+    if not _GLOB.search(pattern):
+        path = folder / pattern
+        return [path] if path.is_file() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
+                  and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))
+
+
+def fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | None = None,
+               where: str = "setup_params") -> Path:
+    """Return the local path of `filename` from `repo_id`, downloading it if needed."""
+    folder = repo_dir(models_dir, repo_id)
+    present = local_match(folder, filename)
+    if len(present) == 1:
+        log.info("using %s (already downloaded)", present[0])
+        return present[0]
+    if len(present) > 1:
+        raise ModelLoadError(f"{where}.filename '{filename}' matches several files in {folder}: "
+                             f"{', '.join(p.name for p in present)}; name exactly one")
+    if _offline():
+        raise ModelLoadError(
+            f"'{filename}' of {repo_id} is not in {folder} and HF_HUB_OFFLINE is set; download "
+            f"it first with `llm-api download` while online, or set {where}.model_path")
+    try:
+        name = _resolve_glob(repo_id, filename, revision, where) if _GLOB.search(filename) \
+            else filename
+        log.info("downloading %s from %s into %s", name, repo_id, folder)
+        path = hf_hub_download(repo_id, name, revision=revision, local_dir=folder,
+                               endpoint=_endpoint())
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every hub failure is explained below
+        raise _explain(exc, repo_id, filename, revision, where, models_dir) from exc
+    return Path(path)
+
+
+def _resolve_glob(repo_id: str, pattern: str, revision: str | None, where: str) -> str:
+    files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision)
+    matches = [f for f in files if fnmatch.fnmatch(f, pattern)]
+    if len(matches) != 1:
+        ggufs = [f for f in files if f.endswith(".gguf")]
+        found = "nothing" if not matches else ", ".join(matches)
+        raise ModelLoadError(f"{where}.filename '{pattern}' must match exactly one file of "
+                             f"{repo_id}, it matched {found}; .gguf files there: "
+                             f"{', '.join(ggufs) or 'none'}")
+    return matches[0]
+
+
+def _explain(exc: Exception, repo_id: str, filename: str, revision: str | None, where: str,
+             models_dir: Path) -> ModelLoadError:
+    if isinstance(exc, GatedRepoError):
+        return ModelLoadError(f"{repo_id} is gated: accept its terms on the hub and set HF_TOKEN "
+                              "to a token of an account that has access")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelLoadError(f"{where}.repo_id: repository '{repo_id}' was not found on the hub "
+                              "(if it is private, set HF_TOKEN)")
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelLoadError(f"{where}.revision: '{revision}' does not exist in {repo_id}")
+    if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
+        return ModelLoadError(f"{where}.filename: '{filename}' is not in {repo_id}; .gguf files "
+                              f"there: {_list_gguf(repo_id, revision)}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ModelLoadError(f"disk full while downloading '{filename}' into {models_dir}; free "
+                              "space or point models_dir at a larger volume")
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError,
+                        ConnectionError)):
+        return ModelLoadError(
+            f"cannot reach the Hugging Face Hub to download '{filename}' of {repo_id}. To work "
+            f"offline, copy the file into {repo_dir(models_dir, repo_id)} (or set "
+            f"{where}.model_path to a local file) and set HF_HUB_OFFLINE=1")
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return ModelLoadError(f"the hub answered HTTP {status} for '{filename}' of {repo_id}")
+    if isinstance(exc, OSError):
+        return ModelLoadError(f"downloading '{filename}' of {repo_id} failed: {exc}")
+    return ModelLoadError(f"downloading '{filename}' of {repo_id} failed ({type(exc).__name__})")
+
+
+def _list_gguf(repo_id: str, revision: str | None) -> str:
+    try:
+        files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision)
+    except Exception:  # noqa: BLE001 - the listing only decorates the message
+        return "(could not list the repository)"
+    return ", ".join(f for f in files if f.endswith(".gguf")) or "none"

@@ -1,0 +1,123 @@
+"""Single-stream overhead of the server: tokens/s through /agenerate ÷ in-process llama.cpp.
+
+    .venv/bin/pip install gguf && .venv/bin/python bench/overhead.py [--rounds 3] [--tokens 128]
+
+Same GGUF (a random-weight ~91M-parameter Llama, Q8_0, built once into bench/.cache), same
+threads, greedy, fixed max_tokens. Rounds alternate between the systems; medians are printed.
+Baselines: llama-cpp-python's own streaming `create_completion`, and its raw token loop
+`Llama.generate` (no text handling at all: an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from randmodel import build  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+PROMPT = "the quick brown fox jumps over the lazy dog and then"
+
+
+def baseline_stream(llm, tokens: int) -> float:
+    start = time.perf_counter()
+    count = 0
+    for _ in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def baseline_tokens(llm, tokens: int) -> float:
+    prompt = llm.tokenize(PROMPT.encode())
+    start = time.perf_counter()
+    count = 0
+    for _ in llm.generate(prompt, temp=0, top_k=1):
+        count += 1
+        if count == tokens:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def ours(client: httpx.Client, tokens: int) -> float:
+    before = client.get("/ready").json()["models"][0]["tokens_generated"]
+    body = {"prompt": PROMPT, "params": {"max_tokens": tokens, "temperature": 0}}
+    start = time.perf_counter()
+    with client.stream("POST", "/agenerate", json=body) as response:
+        for _ in response.iter_lines():
+            pass
+    elapsed = time.perf_counter() - start
+    count = client.get("/ready").json()["models"][0]["tokens_generated"] - before
+    return count / elapsed
+
+
+def start_server(model: Path, threads: int, port: int, workdir: Path) -> subprocess.Popen:
+    config = workdir / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_family": "llama",
+                                      "setup_params": {"model_path": str(model)},
+                                      "model_params": {"n_ctx": 1024, "n_threads": threads}}))
+    exe = Path(sys.executable).parent / "llm-api"
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(config), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("llm-api did not start")
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    from llama_cpp import Llama
+
+    model = build(CACHE / "rand-91m-q8_0.gguf")
+    llm = Llama(str(model), n_ctx=1024, n_threads=args.threads, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_server(model, args.threads, args.port, Path(tmp))
+        client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=300)
+        try:
+            ours(client, 8)  # warm up both
+            baseline_stream(llm, 8)
+            results: dict[str, list[float]] = {"stream": [], "tokens": [], "ours": []}
+            for _ in range(args.rounds):
+                results["ours"].append(ours(client, args.tokens))
+                results["stream"].append(baseline_stream(llm, args.tokens))
+                results["tokens"].append(baseline_tokens(llm, args.tokens))
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(30)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nsingle stream, {args.tokens} tokens, {args.threads} threads, "
+          f"median of {args.rounds} alternating rounds, {model.name}\n")
+    print(f"| {'system':52} | tokens/s | llm-api ÷ system |")
+    print(f"|{'-' * 54}|---------:|-----------------:|")
+    rows = [("llm-api /agenerate (HTTP, SSE)", "ours"),
+            ("in-process Llama.create_completion(stream=True)", "stream"),
+            ("in-process Llama.generate token loop (no text)", "tokens")]
+    for label, key in rows:
+        print(f"| {label:52} | {med[key]:8.1f} | {med['ours'] / med[key]:16.3f} |")
+
+
+if __name__ == "__main__":
+    main()

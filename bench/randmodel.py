@@ -1,0 +1,85 @@
+"""Build a random-weight Llama GGUF of realistic shape (no torch needed).
+
+Speed does not depend on weight values, so a random model of a real shape measures what a
+real one would. The tokenizer (and chat template) is copied from the tiny test fixture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-llama-q8_0.gguf"
+
+
+def build(path: Path, *, hidden: int = 768, layers: int = 12, heads: int = 12,
+          kv_heads: int = 4, ffn: int = 2560, seed: int = 0) -> Path:
+    """Write the model to `path` unless it exists; return the path."""
+    import gguf
+
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(FIXTURE)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    vocab = len(tokens)
+    writer = gguf.GGUFWriter(str(path) + ".tmp", "llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tokenizer_model(reader.fields["tokenizer.ggml.model"].contents())
+    writer.add_token_list(tokens)
+    writer.add_token_scores(reader.fields["tokenizer.ggml.scores"].contents())
+    writer.add_token_types(reader.fields["tokenizer.ggml.token_type"].contents())
+    for key, add in (("bos_token_id", writer.add_bos_token_id),
+                     ("eos_token_id", writer.add_eos_token_id),
+                     ("unknown_token_id", writer.add_unk_token_id)):
+        if f"tokenizer.ggml.{key}" in reader.fields:
+            add(reader.fields[f"tokenizer.ggml.{key}"].contents())
+    if "tokenizer.chat_template" in reader.fields:
+        writer.add_chat_template(reader.fields["tokenizer.chat_template"].contents())
+
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        data = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
+        quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, np.ones(hidden, dtype=np.float32))
+
+    matrix("token_embd.weight", vocab, hidden)
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", hidden, hidden)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, hidden)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    norm("output_norm.weight")
+    matrix("output.weight", vocab, hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(path) + ".tmp").rename(path)
+    return path
+
+
+def parameter_count(hidden: int = 768, layers: int = 12, heads: int = 12, kv_heads: int = 4,
+                    ffn: int = 2560, vocab: int = 1024) -> int:
+    kv = kv_heads * hidden // heads
+    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * ffn + 2 * hidden
+    return layers * per_layer + 2 * vocab * hidden + hidden

@@ -1,0 +1,74 @@
+"""The `llm-api` console script, run as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from app import __version__
+from tests.conftest import TINY_GGUF, parse_sse
+
+LLM_API = shutil.which("llm-api") or str(Path(sys.executable).parent / "llm-api")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_version() -> None:
+    done = subprocess.run([LLM_API, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"llm-api {__version__}"
+
+
+def test_serve_a_local_gguf_answers_the_three_endpoints(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_family": "llama",
+                                      "setup_params": {"model_path": str(TINY_GGUF)},
+                                      "model_params": {"n_ctx": 512}}))
+    port = free_port()
+    proc = subprocess.Popen([LLM_API, "serve", "--config", str(config), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.1)
+        body = {"prompt": "hello", "params": {"max_tokens": 8, "temperature": 0}}
+        text = client.post("/generate", json=body).json()
+        assert isinstance(text, str) and text
+        with client.stream("POST", "/agenerate", json=body) as response:
+            assert "".join(d for _, d in parse_sse(response.iter_lines())) == text
+        assert len(client.post("/embeddings", json={"text": "hello"}).json()) == 64
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status reports it
+    assert proc.returncode in (0, -15), output
+    assert "Application shutdown complete" in output
+
+
+def test_serve_exits_non_zero_when_a_model_cannot_load(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"setup_params": {"model_path": str(bad)},
+                                      "model_family": "llama"}))
+    done = subprocess.run([LLM_API, "serve", "--config", str(config), "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "broken.gguf" in done.stderr and "could not be loaded" in done.stderr
