@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from app.errors import ModelNotFound
@@ -46,7 +47,7 @@ class ModelPool:
         self.entries = {e.name: e for e in entries}
         self.schedulers = {
             e.name: ModelScheduler(
-                e.name, lambda e=e: load_model(e, models_dir, where[e.name]),
+                e.name, partial(load_model, e, models_dir, where[e.name]),
                 max_queue=e.max_queue, request_timeout=e.request_timeout,
                 default_max_tokens=e.default_max_tokens)
             for e in entries

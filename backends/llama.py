@@ -6,6 +6,7 @@ serving other families does not need it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,12 @@ from backends.base import (
     ModelParams,
     ModelSpec,
 )
-from backends.errors import CapabilityNotSupported, ContextLengthExceeded, ModelLoadError
+from backends.errors import (
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadError,
+)
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
@@ -115,7 +121,19 @@ class LlamaBackend(Backend):
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def detokenize(self, ids: list[int]) -> str:
-        return self._llm.detokenize(ids).decode("utf-8", errors="replace")
+        """llama.cpp's own detokenizer: drops BOS/EOS and the SPM leading space."""
+        n_vocab = self._llm.n_vocab()
+        if any(not 0 <= i < n_vocab for i in ids):
+            raise InvalidRequest(f"token ids must be between 0 and {n_vocab - 1}", param="ids")
+        tokens = (self._lib.llama_token * len(ids))(*ids)
+        size = 16 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, tokens, len(ids), buf, size, True, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+        raise ValueError("detokenize: buffer sizing failed")
 
     def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
         if self._chat is None:

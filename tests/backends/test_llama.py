@@ -1,0 +1,109 @@
+"""The llama.cpp backend itself, on the tiny GGUF (HTTP tests are in tests/api)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from backends.base import CHAT, EMBED, GENERATE, GenerationParams, GenerationRequest, ModelSpec
+from backends.errors import (
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadError,
+)
+from backends.llama import LlamaBackend, LlamaParams
+from tests.conftest import TINY_GGUF
+
+GREEDY = GenerationParams(temperature=0, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaBackend]:
+    loaded = LlamaBackend.load(ModelSpec(name="tiny", path=TINY_GGUF,
+                                         params=LlamaParams(n_ctx=256, n_threads=2)))
+    assert isinstance(loaded, LlamaBackend)
+    yield loaded
+    loaded.close()
+
+
+def collect(backend: LlamaBackend, request: GenerationRequest) -> tuple[str, dict]:
+    chunks = list(backend.generate(request))
+    final = chunks[-1]
+    assert chunks[0].prompt_tokens is not None and chunks[0].text == ""  # accepted first
+    return "".join(c.text for c in chunks), {"finish": final.finish_reason,
+                                             "prompt": final.prompt_tokens,
+                                             "completion": final.completion_tokens}
+
+
+def test_capabilities_and_context(backend: LlamaBackend) -> None:
+    assert {GENERATE, EMBED, CHAT} <= backend.capabilities
+    assert backend.context_length == 256
+
+
+def test_generation_reports_usage(backend: LlamaBackend) -> None:
+    text, usage = collect(backend, GenerationRequest(prompt="hello world", params=GREEDY))
+    assert text and usage == {"finish": "length", "prompt": len(backend.tokenize("hello world")),
+                              "completion": 16}
+
+
+def test_streamed_text_equals_detokenized_tokens(backend: LlamaBackend) -> None:
+    text, _ = collect(backend, GenerationRequest(prompt="the quick brown fox", params=GREEDY))
+    prompt_ids = backend.tokenize("the quick brown fox")
+    whole = backend.detokenize(prompt_ids + backend.tokenize(text, add_special=False))
+    assert whole.endswith(text)
+
+
+def test_tokenize_roundtrip(backend: LlamaBackend) -> None:
+    for text in ("hello world", "héllo wörld ✓ 日本", "a\nb\tc"):
+        ids = backend.tokenize(text, add_special=False)
+        assert backend.detokenize(ids) == text
+    assert backend.tokenize("hi")[0] == backend._llm.token_bos()
+    with pytest.raises(InvalidRequest, match="token ids must be"):
+        backend.detokenize([1, 10**6])
+
+
+def test_chat_uses_the_ggufs_template(backend: LlamaBackend) -> None:
+    messages = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"})
+    prompt = backend.apply_chat_template(messages)
+    assert "be brief" in prompt and "hello" in prompt
+    assert prompt.index("be brief") < prompt.index("hello")
+    chat, usage = collect(backend, GenerationRequest(messages=messages, params=GREEDY))
+    plain, _ = collect(backend, GenerationRequest(prompt=prompt, params=GREEDY))
+    # the template writes BOS itself, so the chat prompt has no second BOS
+    assert usage["prompt"] == len(backend.tokenize(prompt, add_special=False))
+    assert isinstance(chat, str) and isinstance(plain, str)
+
+
+def test_chat_template_can_be_overridden() -> None:
+    bare = LlamaBackend.load(ModelSpec(name="bare", path=TINY_GGUF, params=LlamaParams(
+        n_ctx=64, chat_template="{{ messages[0]['content'] }}")))
+    assert bare.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
+    bare.close()
+
+
+def test_limits_are_checked_before_generating(backend: LlamaBackend) -> None:
+    with pytest.raises(ContextLengthExceeded) as err:
+        next(backend.generate(GenerationRequest(prompt="hello", params=GenerationParams(
+            max_tokens=300))))
+    assert err.value.context_length == 256 and err.value.max_tokens == 300
+    with pytest.raises(CapabilityNotSupported, match="fill-in-the-middle"):
+        next(backend.generate(GenerationRequest(prompt="a", params=GenerationParams(
+            suffix="b"))))
+
+
+def test_embeddings_are_mean_pooled_and_normalised(backend: LlamaBackend) -> None:
+    vectors = backend.embed(["hello world", "hello world", "something else"])
+    assert len(vectors) == 3 and all(len(v) == 64 for v in vectors)
+    assert vectors[0] == pytest.approx(vectors[1])
+    assert sum(x * x for x in vectors[0]) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ContextLengthExceeded):
+        backend.embed(["word " * 400])
+
+
+def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ModelLoadError, match="could not be loaded"):
+        LlamaBackend.load(ModelSpec(name="bad", path=bad, params=LlamaParams()))
