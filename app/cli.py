@@ -69,7 +69,9 @@ def serve(config: ConfigOption = None,
     app = create_app(settings, on_load_failure=on_load_failure)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.server.host,
                                            port=settings.server.port,
-                                           log_level=settings.server.log_level))
+                                           log_level=settings.server.log_level,
+                                           timeout_graceful_shutdown=int(
+                                               settings.server.graceful_shutdown_seconds)))
     server.run()
     if failed:
         typer.echo("error: a model could not be loaded (see the log above)", err=True)

@@ -67,13 +67,16 @@ class Job:
 
     async def next(self) -> Any:
         """The next item; domain errors re-raised; past the deadline, cancel and time out."""
-        remaining = self.deadline - self.loop.time()
-        try:
-            item = await asyncio.wait_for(self.out.get(), max(remaining, 0.001))
-        except TimeoutError:
-            self.cancel()
-            raise RequestTimeout("The request took longer than the server's request_timeout "
-                                 "and was cancelled.") from None
+        if self.out.empty():
+            try:
+                async with asyncio.timeout_at(self.deadline):
+                    item = await self.out.get()
+            except TimeoutError:
+                self.cancel()
+                raise RequestTimeout("The request took longer than the server's "
+                                     "request_timeout and was cancelled.") from None
+        else:
+            item = self.out.get_nowait()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -114,6 +117,8 @@ class ModelScheduler:
         self.backend: Backend | None = None
         self._loader = loader
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._current: Job | None = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
@@ -127,6 +132,10 @@ class ModelScheduler:
         await asyncio.to_thread(self._loaded.wait)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Cancel the running job, fail the queued ones, release the engine."""
+        self._stopping.set()
+        if (current := self._current) is not None:
+            current.cancel()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -168,13 +177,16 @@ class ModelScheduler:
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 self.stats.queued -= 1
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() or self._stopping.is_set():
                     self.stats.cancelled += 1
+                    job.emit(ModelNotReady(f"Model '{self.name}' is shutting down."))
                     continue
                 self.stats.running += 1
+                self._current = job
             started = time.monotonic()
             outcome = self._run(job, backend)
             with self._lock:
+                self._current = None
                 self.stats.running -= 1
                 self.stats.busy_seconds += time.monotonic() - started
                 setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)

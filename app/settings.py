@@ -83,6 +83,8 @@ class ServerSettings(BaseModel):
                                       description="Most texts in one /embeddings request.")
     sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive "
                                     "comments on streaming responses.")
+    graceful_shutdown_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long "
+                                             "open requests may finish before they are cut.")
 
 
 class Settings(BaseSettings):

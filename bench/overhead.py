@@ -1,6 +1,6 @@
 """Single-stream overhead of the server: tokens/s through /agenerate ÷ in-process llama.cpp.
 
-    .venv/bin/pip install gguf && .venv/bin/python bench/overhead.py [--rounds 3] [--tokens 128]
+    .venv/bin/pip install gguf && .venv/bin/python bench/overhead.py [--threads 1,2] [--rounds 3]
 
 Same GGUF (a random-weight ~91M-parameter Llama, Q8_0, built once into bench/.cache), same
 threads, greedy, fixed max_tokens. Rounds alternate between the systems; medians are printed.
@@ -11,6 +11,7 @@ Baselines: llama-cpp-python's own streaming `create_completion`, and its raw tok
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def ours(client: httpx.Client, tokens: int) -> float:
     body = {"prompt": PROMPT, "params": {"max_tokens": tokens, "temperature": 0}}
     start = time.perf_counter()
     with client.stream("POST", "/agenerate", json=body) as response:
-        for _ in response.iter_lines():
+        for _ in response.iter_raw():
             pass
     elapsed = time.perf_counter() - start
     count = client.get("/ready").json()["models"][0]["tokens_generated"] - before
@@ -80,43 +81,50 @@ def start_server(model: Path, threads: int, port: int, workdir: Path) -> subproc
         time.sleep(0.2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args()
-
+def measure(model: Path, threads: int, rounds: int, tokens: int, port: int) -> dict[str, float]:
     from llama_cpp import Llama
 
-    model = build(CACHE / "rand-91m-q8_0.gguf")
-    llm = Llama(str(model), n_ctx=1024, n_threads=args.threads, verbose=False)
+    llm = Llama(str(model), n_ctx=1024, n_threads=threads, verbose=False)
+    results: dict[str, list[float]] = {"stream": [], "tokens": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(model, args.threads, args.port, Path(tmp))
-        client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=300)
+        proc = start_server(model, threads, port, Path(tmp))
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
         try:
             ours(client, 8)  # warm up both
             baseline_stream(llm, 8)
-            results: dict[str, list[float]] = {"stream": [], "tokens": [], "ours": []}
-            for _ in range(args.rounds):
-                results["ours"].append(ours(client, args.tokens))
-                results["stream"].append(baseline_stream(llm, args.tokens))
-                results["tokens"].append(baseline_tokens(llm, args.tokens))
+            for _ in range(rounds):
+                results["ours"].append(ours(client, tokens))
+                results["stream"].append(baseline_stream(llm, tokens))
+                results["tokens"].append(baseline_tokens(llm, tokens))
         finally:
             client.close()
             proc.terminate()
             proc.wait(30)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\nsingle stream, {args.tokens} tokens, {args.threads} threads, "
-          f"median of {args.rounds} alternating rounds, {model.name}\n")
-    print(f"| {'system':52} | tokens/s | llm-api ÷ system |")
-    print(f"|{'-' * 54}|---------:|-----------------:|")
+            llm.close()
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[1])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", default="1,2", help="comma-separated n_threads values")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    model = build(CACHE / "rand-91m-q8_0.gguf")
     rows = [("llm-api /agenerate (HTTP, SSE)", "ours"),
             ("in-process Llama.create_completion(stream=True)", "stream"),
             ("in-process Llama.generate token loop (no text)", "tokens")]
-    for label, key in rows:
-        print(f"| {label:52} | {med[key]:8.1f} | {med['ours'] / med[key]:16.3f} |")
+    print(f"\nsingle stream, {args.tokens} tokens, median of {args.rounds} alternating rounds, "
+          f"{model.name}, {os.cpu_count()} cores\n")
+    print(f"| n_threads | {'system':50} | tokens/s | llm-api ÷ system |")
+    print(f"|----------:|{'-' * 52}|---------:|-----------------:|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        med = measure(model, threads, args.rounds, args.tokens, args.port)
+        for label, key in rows:
+            print(f"| {threads:9} | {label:50} | {med[key]:8.1f} | "
+                  f"{med['ours'] / med[key]:16.3f} |", flush=True)
 
 
 if __name__ == "__main__":

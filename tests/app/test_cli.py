@@ -72,3 +72,42 @@ def test_serve_exits_non_zero_when_a_model_cannot_load(tmp_path: Path) -> None:
                            str(free_port())], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "broken.gguf" in done.stderr and "could not be loaded" in done.stderr
+
+
+def test_sigterm_with_a_stream_open_cancels_it_and_exits(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_family": "llama",
+                                      "setup_params": {"model_path": str(TINY_GGUF)},
+                                      "model_params": {"n_ctx": 8192},
+                                      "server": {"graceful_shutdown_seconds": 1}}))
+    port = free_port()
+    proc = subprocess.Popen([LLM_API, "serve", "--config", str(config), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.1)
+        body = {"prompt": "hello", "params": {"max_tokens": 8000, "temperature": 0}}
+        with client.stream("POST", "/agenerate", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            proc.terminate()
+            received = 0
+            try:
+                for _ in lines:
+                    received += 1
+            except httpx.HTTPError:
+                pass  # the server cut the stream
+        assert proc.wait(timeout=20) is not None
+    finally:
+        proc.kill()
+        output = proc.communicate(timeout=30)[0]
+    assert received < 2 * 8000
+    assert "Application shutdown complete" in output
