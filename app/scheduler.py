@@ -6,7 +6,8 @@ call into a model's backend happens on that model's engine thread. Requests subm
 asyncio queue. A disconnect or a timeout sets the job's cancel flag, which the engine thread
 checks before every item: a queued job is dropped, a running one stops at its next token.
 
-A batching engine (a later issue) replaces `_serve_jobs` and keeps `submit` as it is.
+Routes reach a scheduler through `generate` and `embed` only, so a batching scheduler (a later
+issue) can replace the serial loop without touching routes or backends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from app.errors import (
     RequestTimeout,
     as_domain_error,
 )
-from backends.base import Backend, Chunk
+from backends.base import Backend, Chunk, GenerationRequest
 from backends.errors import LLMAPIError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,16 @@ class ModelScheduler:
             job.cancel()
             raise
         return JobStream(job, first)
+
+    # The request-facing API: a batching scheduler overrides these two.
+
+    async def generate(self, request: GenerationRequest) -> JobStream:
+        """Stream a generation; returns once the prompt was accepted (first chunk)."""
+        return await self.open_stream(lambda backend: backend.generate(request))
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = await self.call(lambda backend: backend.embed(texts))
+        return vectors
 
     async def call(self, fn: Callable[[Backend], Any]) -> Any:
         """Run one blocking call on the engine thread and return its result."""

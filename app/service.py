@@ -31,7 +31,7 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)
         request = replace(request, params=params)
-    return await scheduler.open_stream(lambda backend: backend.generate(request))
+    return await scheduler.generate(request)
 
 
 async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
@@ -47,8 +47,7 @@ async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
 
 async def embed(scheduler: ModelScheduler, texts: list[str]) -> list[list[float]]:
     _require(scheduler, EMBED, "embeddings")
-    result: list[list[float]] = await scheduler.call(lambda backend: backend.embed(texts))
-    return result
+    return await scheduler.embed(texts)
 
 
 async def unless_disconnected(request: Request, stream: JobStream,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,10 @@ def test_cli_exits_non_zero_with_the_message(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "model_params.num_threads" in done.stderr and "n_threads" in done.stderr
+
+
+def test_a_json_config_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CLASSIC))
+    [entry] = model_entries(load_settings(path))
+    assert entry.setup.filename == "qwen2.5-0.5b-instruct-q4_k_m.gguf"
