@@ -24,30 +24,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def serve(tmp_path: Path, config: dict[str, object]) -> tuple[subprocess.Popen[str],
+                                                               httpx.Client]:
+    """`llm-api serve` in a subprocess, once /ready says 200."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen([LLM_API, "serve", "--config", str(path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if client.get("/ready").status_code == 200:
+                return proc, client
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[0]}")
+        time.sleep(0.1)
+
+
 def test_version() -> None:
     done = subprocess.run([LLM_API, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"llm-api {__version__}"
 
 
 def test_serve_a_local_gguf_answers_the_three_endpoints(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model_family": "llama",
-                                      "setup_params": {"model_path": str(TINY_GGUF)},
-                                      "model_params": {"n_ctx": 512}}))
-    port = free_port()
-    proc = subprocess.Popen([LLM_API, "serve", "--config", str(config), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, client = serve(tmp_path, {"model_family": "llama",
+                                    "setup_params": {"model_path": str(TINY_GGUF)},
+                                    "model_params": {"n_ctx": 512}})
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.1)
         body = {"prompt": "hello", "params": {"max_tokens": 8, "temperature": 0}}
         text = client.post("/generate", json=body).json()
         assert isinstance(text, str) and text
@@ -75,25 +83,11 @@ def test_serve_exits_non_zero_when_a_model_cannot_load(tmp_path: Path) -> None:
 
 
 def test_sigterm_with_a_stream_open_cancels_it_and_exits(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model_family": "llama",
-                                      "setup_params": {"model_path": str(TINY_GGUF)},
-                                      "model_params": {"n_ctx": 8192},
-                                      "server": {"graceful_shutdown_seconds": 1}}))
-    port = free_port()
-    proc = subprocess.Popen([LLM_API, "serve", "--config", str(config), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, client = serve(tmp_path, {"model_family": "llama",
+                                    "setup_params": {"model_path": str(TINY_GGUF)},
+                                    "model_params": {"n_ctx": 8192},
+                                    "server": {"graceful_shutdown_seconds": 1}})
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.1)
         body = {"prompt": "hello", "params": {"max_tokens": 8000, "temperature": 0}}
         with client.stream("POST", "/agenerate", json=body) as response:
             lines = response.iter_lines()
