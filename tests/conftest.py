@@ -20,7 +20,6 @@ from app.settings import load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_GGUF = FIXTURES / "tiny-llama-q8_0.gguf"
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
