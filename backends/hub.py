@@ -1,21 +1,26 @@
 """Fetch model weights from the Hugging Face Hub into `models_dir`.
 
-Layout: `<models_dir>/<owner>/<repo>/<file>` (readable, by repo id). A file present there is
-complete (huggingface_hub writes to a temporary name and renames at the end), so it is reused
-without any request: a restart works with the hub unreachable or `HF_HUB_OFFLINE=1`.
+Layout: `<models_dir>/<owner>/<repo>/<file>` (readable, by repo id). A download grows in
+`<repo dir>/.cache/llm-api/<file>.<etag>.part` and is renamed into place only once its size (and
+sha256, when the hub gives one) is right, so a file present under its final name is complete
+and is reused without any request: a restart works with the hub unreachable or
+`HF_HUB_OFFLINE=1`. A cut download resumes where it stopped, within one start (huggingface_hub
+retries with Range requests) and across restarts (the .part file is kept).
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -25,6 +30,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from backends.errors import ModelLoadError
 
@@ -75,14 +82,56 @@ def fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | No
     try:
         name = _resolve_glob(repo_id, filename, revision, where) if _GLOB.search(filename) \
             else filename
-        log.info("downloading %s from %s into %s", name, repo_id, folder)
-        path = hf_hub_download(repo_id, name, revision=revision, local_dir=folder,
-                               endpoint=_endpoint())
+        return _download(repo_id, name, revision, folder)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - every hub failure is explained below
         raise _explain(exc, repo_id, filename, revision, where, models_dir) from exc
-    return Path(path)
+
+
+def _download(repo_id: str, name: str, revision: str | None, folder: Path) -> Path:
+    """Download `name` into `folder`, resuming a `.part` file left by an earlier attempt."""
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision,
+                                           endpoint=_endpoint()), endpoint=_endpoint())
+    etag = (meta.etag or "").strip('"')
+    parts = folder / ".cache" / "llm-api"
+    parts.mkdir(parents=True, exist_ok=True)
+    part = parts / f"{Path(name).name}.{re.sub(r'[^0-9A-Za-z]', '', etag)[:16]}.part"
+    for stale in parts.glob(f"{Path(name).name}.*.part"):
+        if stale != part:  # left by an older version of the file
+            stale.unlink()
+    have = part.stat().st_size if part.exists() else 0
+    if meta.size is not None and have > meta.size:
+        part.unlink()
+        have = 0
+    needed = (meta.size or 0) - have
+    if needed > shutil.disk_usage(parts).free:
+        raise OSError(errno.ENOSPC, "not enough free space")
+    log.info("downloading %s from %s into %s%s", name, repo_id, folder,
+             f" (resuming at {have} of {meta.size} bytes)" if have else "")
+    with part.open("ab") as out:
+        if meta.size is None or have < meta.size:
+            http_get(meta.location, out, resume_size=have, headers=build_hf_headers(),
+                     expected_size=meta.size, displayed_filename=name)
+    if meta.size is not None and part.stat().st_size != meta.size:
+        raise ModelLoadError(f"download of '{name}' ended at {part.stat().st_size} of "
+                             f"{meta.size} bytes; start again to resume it")
+    if re.fullmatch(r"[0-9a-f]{64}", etag) and _sha256(part) != etag:
+        part.unlink()
+        raise ModelLoadError(f"'{name}' from {repo_id} failed its sha256 check and was "
+                             "discarded; start again to download it anew")
+    target = folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part, target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _resolve_glob(repo_id: str, pattern: str, revision: str | None, where: str) -> str:

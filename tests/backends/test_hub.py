@@ -92,15 +92,51 @@ def test_unreachable_hub_says_how_to_work_offline(tmp_path: Path,
         fetch_file(tmp_path, REPO, FILE)
 
 
+BIG = random.Random(0).randbytes(24 * 1024 * 1024)
+MIB10 = 10 * 1024 * 1024
+
+
 def test_cut_download_resumes_with_a_range_request(hub: FakeHub, tmp_path: Path) -> None:
     # huggingface_hub writes 10 MiB chunks: a cut after the first one resumes from there.
-    big = random.Random(0).randbytes(24 * 1024 * 1024)
-    hub.add(REPO, {"big.gguf": big})
+    hub.add(REPO, {"big.gguf": BIG})
     hub.cuts["big.gguf"] = 1
     path = fetch_file(tmp_path, REPO, "big.gguf")
-    assert path.read_bytes() == big
+    assert path.read_bytes() == BIG
     ranges = [rng for method, p, rng in hub.requests if method == "GET" and p.endswith("big.gguf")]
-    assert ranges == [None, "bytes=10485760-"]
+    assert ranges == [None, f"bytes={MIB10}-"]
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_download_resumes_across_restarts(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add(REPO, {"big.gguf": BIG})
+    hub.cuts["big.gguf"] = 100  # this attempt never gets past the first chunk
+    with pytest.raises(ModelLoadError, match="big.gguf"):
+        fetch_file(tmp_path, REPO, "big.gguf")
+    folder = tmp_path / "acme" / "tiny-llama-GGUF"
+    assert not (folder / "big.gguf").exists()  # never under its final name while partial
+    [part] = folder.rglob("big.gguf.*.part")
+    assert part.stat().st_size == MIB10
+    hub.cuts.clear()
+    hub.requests.clear()
+    path = fetch_file(tmp_path, REPO, "big.gguf")  # "the next start"
+    assert path.read_bytes() == BIG and not part.exists()
+    ranges = [rng for method, p, rng in hub.requests if method == "GET" and p.endswith("big.gguf")]
+    assert ranges == [f"bytes={MIB10}-"]
+
+
+def test_corrupt_download_fails_its_checksum_and_is_discarded(hub: FakeHub,
+                                                              tmp_path: Path) -> None:
+    hub.add(REPO, {"big.gguf": BIG})
+    hub.cuts["big.gguf"] = 100
+    with pytest.raises(ModelLoadError):
+        fetch_file(tmp_path, REPO, "big.gguf")
+    [part] = (tmp_path / "acme").rglob("big.gguf.*.part")
+    part.write_bytes(b"x" * MIB10)  # the kept part no longer matches the file
+    hub.cuts.clear()
+    with pytest.raises(ModelLoadError, match="sha256"):
+        fetch_file(tmp_path, REPO, "big.gguf")
+    assert not part.exists() and not (tmp_path / "acme" / "tiny-llama-GGUF" / "big.gguf").exists()
+    assert fetch_file(tmp_path, REPO, "big.gguf").read_bytes() == BIG
 
 
 def test_failed_download_leaves_no_file_and_the_next_start_completes(
