@@ -176,3 +176,17 @@ def test_malformed_and_oversized_bodies(tiny: LiveServer) -> None:
                  413, "payload_too_large")
     assert_error(tiny.client.get("/nowhere"), 404, "not_found")
     assert_error(tiny.client.get("/generate"), 405, "method_not_allowed")
+
+
+def test_engine_failure_is_explained_without_leaking(live_server: Any,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    server = live_server({"models": {"rev": {"model_family": "reverse"}}})
+    error = assert_error(server.client.post("/generate", json={"prompt": "fail"}), 500,
+                         "backend_failure", ("server log",))
+    assert "secret" not in error["message"] and "/srv" not in error["message"]
+    events = stream_events(server.client, {"prompt": "fail"})
+    [(kind, data)] = events
+    assert kind == "error" and json.loads(data)["error"]["code"] == "backend_failure"
+    assert "secret" not in data
+    assert "secret internal detail" in caplog.text  # the operator still sees the cause
+    assert server.client.post("/generate", json={"prompt": "ok"}).json() == "ko"
