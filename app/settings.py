@@ -169,7 +169,8 @@ def load_settings(config: str | Path | None = None) -> Settings:
     path = Path(explicit) if explicit else DEFAULT_CONFIG
     if explicit and not path.is_file():
         raise SettingsError(f"config file '{path}' does not exist")
-    source = f"config file '{path}'" if path.is_file() else "defaults"
+    source = (f"config file '{path}'" if path.is_file()
+              else f"defaults: there is no config file at '{path.resolve()}'")
     try:
         if path.is_file():
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -232,7 +233,7 @@ def _lines(exc: ValidationError, source: str, prefix: tuple[str, ...],
         elif err["type"] == "extra_forbidden":
             message = "unknown key"
         else:
-            message = err["msg"]
+            message = err["msg"].removeprefix("Value error, ")
         lines.append(_line(loc, message, source))
     return lines
 

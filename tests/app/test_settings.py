@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_config_file_from_env_var_and_default_location(tmp_path: Path,
     ({**CLASSIC, "server": {"port": 0}}, ["server.port"]),
     ({**CLASSIC, "setup_params": {"repo": "x"}}, ["setup_params.repo", "unknown key"]),
     ({**CLASSIC, "colour": "red"}, ["colour"]),
-    ({"models_dir": "/m"}, ["no model configured"]),
+    ({"models_dir": "/m"}, ["(root): no model configured"]),
     ({"models": {"a": {"model_params": {}}}}, ["models.a.setup_params", "model_path"]),
     ({"models": {"a": {"setup_params": {"model_path": "x"},
                        "model_params": {"n_threads": 0}}}}, ["models.a.model_params.n_threads"]),
@@ -123,6 +124,17 @@ def test_invalid_env_value_names_the_variable(tmp_path: Path,
     monkeypatch.setenv("LLM_API_SERVER__PORT", "not-a-port")
     with pytest.raises(SettingsError, match="server.port.*environment variable LLM_API_SERVER"):
         load_settings(write(tmp_path, CLASSIC))
+
+
+def test_without_any_config_file_the_error_says_where_it_looked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError, match="no model configured.*no config file at '"
+                       + re.escape(str(tmp_path / "config.yaml"))):
+        load_settings()
+    monkeypatch.setenv("LLM_API_SETUP_PARAMS__MODEL_PATH", "/m/a.gguf")
+    [entry] = model_entries(load_settings())  # env alone is enough
+    assert entry.name == "a" and entry.family == "llama"
 
 
 def test_a_named_config_that_does_not_exist_is_an_error(tmp_path: Path,
