@@ -45,7 +45,8 @@ class NativeParams(StrictSchema):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Fixed seed for sampling.")
     echo: bool = Field(False, description="Return the prompt before the completion.")
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS,
-                               description="Text appended after the completion.")
+                               description="Text after the gap to fill (fill-in-the-middle "
+                               "models only); the completion is the middle part.")
 
     @model_validator(mode="after")
     def _bounded_stop(self) -> NativeParams:

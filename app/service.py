@@ -61,14 +61,17 @@ async def unless_disconnected(request: Request, stream: JobStream,
     task = asyncio.ensure_future(work)
     watcher = asyncio.create_task(client_gone())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # e.g. the server is shutting down
+        task.cancel()
+        stream.close()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            stream.close()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise ClientDisconnected("The client closed the connection; the request was "
-                                     "cancelled.")
-    return task.result()
+    if task in done:
+        return task.result()
+    stream.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected("The client closed the connection; the request was cancelled.")

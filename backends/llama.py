@@ -203,8 +203,6 @@ class LlamaBackend(Backend):
             tail, _ = stops.push(text.flush())
             if tail := tail + stops.flush():
                 yield Chunk(text=tail)
-        if params.suffix:
-            yield Chunk(text=params.suffix)
         yield Chunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=count)
 
     # -- embeddings ------------------------------------------------------------------------
