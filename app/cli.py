@@ -88,9 +88,8 @@ def download(config: ConfigOption = None) -> None:
     _logging(settings.server.log_level)
     ok = True
     for entry in model_entries(settings):
-        where = ".".join((*settings.config_path(entry.name), "setup_params"))
         try:
-            path = resolve_weights(entry, settings.models_dir, where)
+            path = resolve_weights(entry, settings.models_dir)
         except ModelLoadError as exc:
             typer.echo(f"error: {entry.name}: {exc.message}", err=True)
             ok = False

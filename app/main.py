@@ -25,11 +25,10 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     `on_load_failure` is called when a model fails to load (the CLI uses it to exit).
     """
     entries = model_entries(settings)
-    where = {e.name: ".".join((*settings.config_path(e.name), "setup_params")) for e in entries}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ModelPool(entries, settings.models_dir, where)
+        pool = ModelPool(entries, settings.models_dir)
         app.state.pool = pool
         pool.start()
         watcher = asyncio.create_task(_watch_loading(pool, on_load_failure))

@@ -16,9 +16,9 @@ from backends.hub import fetch_file
 log = logging.getLogger(__name__)
 
 
-def resolve_weights(entry: ModelEntry, models_dir: Path, where: str) -> Path | None:
+def resolve_weights(entry: ModelEntry, models_dir: Path) -> Path | None:
     """The model's local weights, downloaded from the hub when needed."""
-    setup = entry.setup
+    setup, where = entry.setup, entry.setup_key
     if setup.model_path is not None:
         if not setup.model_path.exists():
             raise ModelLoadError(f"{where}.model_path '{setup.model_path}' does not exist")
@@ -32,8 +32,8 @@ def resolve_weights(entry: ModelEntry, models_dir: Path, where: str) -> Path | N
     return fetch_file(models_dir, setup.repo_id, setup.filename, setup.revision, where)
 
 
-def load_model(entry: ModelEntry, models_dir: Path, where: str) -> Backend:
-    path = resolve_weights(entry, models_dir, where)
+def load_model(entry: ModelEntry, models_dir: Path) -> Backend:
+    path = resolve_weights(entry, models_dir)
     log.info("loading model %s (%s) from %s", entry.name, entry.family, path)
     return entry.backend.load(ModelSpec(name=entry.name, params=entry.params, path=path,
                                         setup_params=entry.setup.model_dump()))
@@ -42,12 +42,11 @@ def load_model(entry: ModelEntry, models_dir: Path, where: str) -> Backend:
 class ModelPool:
     """Starts, finds and stops the schedulers of every configured model."""
 
-    def __init__(self, entries: list[ModelEntry], models_dir: Path,
-                 where: dict[str, str]) -> None:
+    def __init__(self, entries: list[ModelEntry], models_dir: Path) -> None:
         self.entries = {e.name: e for e in entries}
         self.schedulers = {
             e.name: ModelScheduler(
-                e.name, partial(load_model, e, models_dir, where[e.name]),
+                e.name, partial(load_model, e, models_dir),
                 max_queue=e.max_queue, request_timeout=e.request_timeout,
                 default_max_tokens=e.default_max_tokens)
             for e in entries

@@ -161,6 +161,7 @@ class ModelEntry:
     max_queue: int
     request_timeout: float
     default_max_tokens: int | None
+    setup_key: str  # where setup_params sits in the config, for messages
 
 
 def load_settings(config: str | Path | None = None) -> Settings:
@@ -213,7 +214,8 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
             setup=cfg.setup_params,
             max_queue=settings.server.max_queue if cfg.max_queue is None else cfg.max_queue,
             request_timeout=cfg.request_timeout or settings.server.request_timeout,
-            default_max_tokens=cfg.default_max_tokens))
+            default_max_tokens=cfg.default_max_tokens,
+            setup_key=".".join((*where, "setup_params"))))
     if problems:
         raise SettingsError("invalid settings:\n" + "\n".join(problems))
     return entries
