@@ -109,3 +109,19 @@ def test_ready_is_503_until_the_model_has_loaded(live_server: Any) -> None:
                  "model_not_ready", ("loading",))
     server.wait_ready()
     assert server.client.post("/generate", json={"prompt": "abc"}).json() == "cba"
+
+
+def test_each_model_has_its_own_engine_and_queue(live_server: Any) -> None:
+    config = {"models": {"tiny": {**tiny_config(), "max_queue": 0},
+                         "rev": {"model_family": "reverse"}}}
+    server = live_server(config)
+    assert [m["name"] for m in server.client.get("/ready").json()["models"]] == ["tiny", "rev"]
+    with server.client.stream("POST", "/agenerate", json=LONG) as response:  # default: tiny
+        events = parse_sse(response.iter_lines())  # (a dropped iterator closes the stream)
+        next(events)
+        assert server.model_stats("tiny")["running"] == 1
+        # tiny is busy and may not queue, yet rev answers at once
+        assert_error(server.client.post("/generate", json={"prompt": "x", "model": "tiny"}),
+                     503, "queue_full")
+        assert server.client.post("/generate", json={"prompt": "abc", "model": "rev"}).json() \
+            == "cba"
