@@ -26,6 +26,8 @@ class FakeHub:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     # file path -> how many more GETs of it are cut off after half of the body
     cuts: dict[str, int] = field(default_factory=dict)
+    # repo -> the bearer token it needs (a gated repository)
+    gated: dict[str, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
 
     def add(self, repo: str, files: dict[str, bytes]) -> None:
@@ -91,6 +93,10 @@ class FakeHub:
         files = self.repos.get(repo)
         if files is None:
             return self._missing_repo(req)
+        if repo in self.gated and req.headers.get("Authorization") != f"Bearer {self.gated[repo]}":
+            return self._send(req, 401, b'{"error": "gated"}', {
+                "X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this repo is gated"},
+                head)
         data = files.get(name)
         commit = {"X-Repo-Commit": self.sha(repo)}
         if data is None:

@@ -175,3 +175,19 @@ def test_download_command_fetches_and_reports(hub: FakeHub, tmp_path: Path) -> N
     failed = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert "nope.gguf" in failed.stderr and FILE in failed.stderr
+
+
+def test_gated_repo_needs_hf_token(hub: FakeHub, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add("acme/gated", {FILE: b"GGUF-gated"})
+    hub.gated["acme/gated"] = "hf_secret_token"
+    with pytest.raises(ModelLoadError, match="gated.*HF_TOKEN") as err:
+        fetch_file(tmp_path, "acme/gated", FILE)
+    assert "hf_secret_token" not in err.value.message
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    assert fetch_file(tmp_path, "acme/gated", FILE).read_bytes() == b"GGUF-gated"
+
+
+def test_revision_is_requested(hub: FakeHub, tmp_path: Path) -> None:
+    fetch_file(tmp_path, REPO, FILE, revision="v1.0")
+    assert any(p.endswith(f"/resolve/v1.0/{FILE}") for _, p, _ in hub.requests)
