@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import glob
 import hashlib
 import logging
 import os
@@ -96,8 +97,9 @@ def _download(repo_id: str, name: str, revision: str | None, folder: Path) -> Pa
     etag = (meta.etag or "").strip('"')
     parts = folder / ".cache" / "llm-api"
     parts.mkdir(parents=True, exist_ok=True)
-    part = parts / f"{Path(name).name}.{re.sub(r'[^0-9A-Za-z]', '', etag)[:16]}.part"
-    for stale in parts.glob(f"{Path(name).name}.*.part"):
+    stem = name.replace("/", "__")  # files in subfolders must not share a .part
+    part = parts / f"{stem}.{re.sub(r'[^0-9A-Za-z]', '', etag)[:16]}.part"
+    for stale in parts.glob(f"{glob.escape(stem)}.*.part"):
         if stale != part:  # left by an older version of the file
             stale.unlink()
     have = part.stat().st_size if part.exists() else 0
