@@ -81,7 +81,7 @@ def serve(config: ConfigOption = None,
 @cli.command()
 def download(config: ConfigOption = None) -> None:
     """Fetch the weights of every configured model into models_dir, then exit."""
-    from app.pool import resolve_weights
+    from app.pool import resolve_tokenizer, resolve_weights
     from backends.errors import ModelLoadError
 
     settings = _settings(config)
@@ -90,6 +90,7 @@ def download(config: ConfigOption = None) -> None:
     for entry in model_entries(settings):
         try:
             path = resolve_weights(entry, settings.models_dir)
+            resolve_tokenizer(entry, settings.models_dir)
         except ModelLoadError as exc:
             typer.echo(f"error: {entry.name}: {exc.message}", err=True)
             ok = False

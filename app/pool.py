@@ -11,7 +11,7 @@ from app.scheduler import ModelScheduler
 from app.settings import ModelEntry
 from backends.base import Backend, ModelSpec
 from backends.errors import ModelLoadError
-from backends.hub import fetch_file
+from backends.hub import fetch_file, fetch_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ def resolve_weights(entry: ModelEntry, models_dir: Path) -> Path | None:
         return setup.model_path
     if entry.backend.weights is None:
         return None
+    if entry.backend.weights == "snapshot":
+        assert setup.repo_id is not None  # model_entries() checked there is a source
+        return fetch_snapshot(models_dir, setup.repo_id, setup.revision, where,
+                              weights=setup.filename)
     if not setup.filename:
         raise ModelLoadError(f"{where}.filename is required for model_family "
                              f"'{entry.family}': name the weights file in {setup.repo_id}")
@@ -32,11 +36,22 @@ def resolve_weights(entry: ModelEntry, models_dir: Path) -> Path | None:
     return fetch_file(models_dir, setup.repo_id, setup.filename, setup.revision, where)
 
 
+def resolve_tokenizer(entry: ModelEntry, models_dir: Path) -> Path | None:
+    """The tokenizer files of `setup_params.tokenizer_repo_id`, when it is set."""
+    repo = entry.setup.tokenizer_repo_id
+    if repo is None:
+        return None
+    return fetch_snapshot(models_dir, repo, None, entry.setup_key,
+                          tokenizer_only=True)
+
+
 def load_model(entry: ModelEntry, models_dir: Path) -> Backend:
     path = resolve_weights(entry, models_dir)
+    tokenizer = resolve_tokenizer(entry, models_dir)
     log.info("loading model %s (%s) from %s", entry.name, entry.family, path)
     return entry.backend.load(ModelSpec(name=entry.name, params=entry.params, path=path,
-                                        setup_params=entry.setup.model_dump()))
+                                        setup_params=entry.setup.model_dump(),
+                                        tokenizer_path=tokenizer))
 
 
 class ModelPool:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,6 +45,17 @@ class SetupParams(BaseModel):
     revision: str | None = Field(None, description="Branch, tag or commit; default 'main'.")
     model_path: Path | None = Field(None, description="A local weights file or directory; "
                                     "when set, the hub is not used at all.")
+    # Keys only some families read (Backend.setup_keys); model_entries rejects the others.
+    tokenizer_repo_id: str | None = Field(None, description="Hub repository of the tokenizer, "
+                                          "when it is not the model's (huggingface, gptq).")
+    config_params: dict[str, Any] = Field(default_factory=dict, description="Overrides merged "
+                                          "into the model's config.json (huggingface, gptq).")
+    task: Literal["generate", "embedding"] = Field("generate", description="'embedding': a "
+                                                   "sentence-embedding model (huggingface).")
+
+
+BASE_SETUP_KEYS = ("repo_id", "filename", "revision", "model_path")
+FAMILY_SETUP_KEYS = frozenset(SetupParams.model_fields) - set(BASE_SETUP_KEYS)
 
 
 class ModelConfig(BaseModel):
@@ -199,10 +210,8 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
         except UnknownFamily as exc:
             problems.append(_line((*where, "model_family"), str(exc), source))
             continue
-        setup = cfg.setup_params
-        if backend.weights is not None and setup.model_path is None and setup.repo_id is None:
-            problems.append(_line((*where, "setup_params"), "set model_path (a local file) or "
-                                  "repo_id + filename (a file on the Hugging Face Hub)", source))
+        if problem := _setup_problem(cfg, backend, where, source):
+            problems.append(problem)
             continue
         try:
             params = backend.Params.model_validate(cfg.model_params)
@@ -219,6 +228,23 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
     if problems:
         raise SettingsError("invalid settings:\n" + "\n".join(problems))
     return entries
+
+
+def _setup_problem(cfg: ModelConfig, backend: type[Backend], where: tuple[str, ...],
+                   source: str) -> str | None:
+    """What is wrong with a model's setup_params for its family, if anything."""
+    setup = cfg.setup_params
+    foreign = sorted((setup.model_fields_set & FAMILY_SETUP_KEYS) - backend.setup_keys)
+    if foreign:
+        accepted = ", ".join([*BASE_SETUP_KEYS, *sorted(backend.setup_keys)])
+        return _line((*where, "setup_params", foreign[0]), f"not used by model_family "
+                     f"'{cfg.model_family}'; it takes: {accepted}", source)
+    if backend.weights is not None and setup.model_path is None and setup.repo_id is None:
+        what = "a local directory" if backend.weights == "snapshot" else "a local file"
+        files = "" if backend.weights == "snapshot" else " + filename (a file on it)"
+        return _line((*where, "setup_params"), f"set model_path ({what}) or repo_id (a "
+                     f"Hugging Face Hub repository){files}", source)
+    return None
 
 
 def _explain(exc: ValidationError, source: str) -> str:

@@ -79,6 +79,7 @@ class ModelSpec:
     params: ModelParams
     path: Path | None  # the weights file or snapshot directory, None for plugins without files
     setup_params: dict[str, Any] = field(default_factory=dict)
+    tokenizer_path: Path | None = None  # setup_params.tokenizer_repo_id's snapshot, if set
 
 
 class Backend(abc.ABC):
@@ -91,9 +92,11 @@ class Backend(abc.ABC):
     family: ClassVar[str] = ""
     Params: ClassVar[type[ModelParams]] = ModelParams
     capabilities: frozenset[str] = frozenset({GENERATE})
-    #: Families whose weights come from the hub as a single file (`filename`) rather than a
-    #: whole repository snapshot; None for families that need no files at all.
+    #: "file": the weights are one file from the hub (`filename`); "snapshot": the needed
+    #: files of a whole repository (config, tokenizer, weights); None: no files at all.
     weights: ClassVar[str | None] = "file"
+    #: The family-specific `setup_params` keys this family reads (see app.settings).
+    setup_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abc.abstractmethod

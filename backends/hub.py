@@ -14,6 +14,7 @@ import errno
 import fnmatch
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
@@ -184,3 +185,70 @@ def _list_gguf(repo_id: str, revision: str | None) -> str:
     except Exception:  # noqa: BLE001 - the listing only decorates the message
         return "(could not list the repository)"
     return ", ".join(f for f in files if f.endswith(".gguf")) or "none"
+
+
+# -- whole repositories (transformers-style families) ---------------------------------------
+
+_SNAPSHOT_MARKER = "snapshot.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "vocab.txt", "chat_template.jinja", "chat_template.json", "*.tiktoken")
+_MODEL_FILES = ("config.json", "generation_config.json", "quantize_config.json",
+                "quant_config.json", "modules.json", "sentence_bert_config.json",
+                "config_sentence_transformers.json", "*_Pooling/config.json",
+                "*_Normalize/*")
+
+
+def select_snapshot_files(files: list[str], weights: str | None = None,
+                          tokenizer_only: bool = False) -> list[str]:
+    """The files a transformers model needs: config, tokenizer, chat template and weights
+    (one format: `weights` if given, else safetensors, else PyTorch .bin)."""
+    wanted = list(_TOKENIZER_FILES)
+    if not tokenizer_only:
+        wanted += _MODEL_FILES
+        if weights:
+            wanted.append(weights)
+        elif any(f.endswith(".safetensors") and "/" not in f for f in files):
+            wanted += ["*.safetensors", "model.safetensors.index.json"]
+        else:
+            wanted += ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    return sorted(f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in wanted))
+
+
+def fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None = None,
+                   where: str = "setup_params", weights: str | None = None,
+                   tokenizer_only: bool = False) -> Path:
+    """Download the needed files of `repo_id` into `<models_dir>/<owner>/<repo>/`.
+
+    Once every file is in place a marker lists them; a later start finds the marker and the
+    files and makes no request at all.
+    """
+    folder = repo_dir(models_dir, repo_id)
+    marker = folder / ".cache" / "llm-api" / _SNAPSHOT_MARKER
+    key = {"revision": revision or "main", "weights": weights, "tokenizer_only": tokenizer_only}
+    if marker.is_file():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        if {k: done.get(k) for k in key} == key and all((folder / f).is_file()
+                                                        for f in done["files"]):
+            log.info("using %s (snapshot already downloaded)", folder)
+            return folder
+    if _offline():
+        raise ModelLoadError(
+            f"{repo_id} is not (completely) in {folder} and HF_HUB_OFFLINE is set; download it "
+            f"first with `llm-api download` while online, or set {where}.model_path")
+    try:
+        listing = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - every hub failure is explained by _explain
+        raise _explain(exc, repo_id, "the file list", revision, where, models_dir) from exc
+    files = select_snapshot_files(listing, weights, tokenizer_only)
+    if weights and not any(fnmatch.fnmatch(f, weights) for f in files):
+        raise ModelLoadError(f"{where}.filename '{weights}' is not in {repo_id}; its files: "
+                             f"{', '.join(listing[:50])}")
+    if not tokenizer_only and "config.json" not in files:
+        raise ModelLoadError(f"{where}.repo_id: {repo_id} has no config.json, so it is not a "
+                             "transformers model repository")
+    for name in files:
+        fetch_file(models_dir, repo_id, name, revision, where)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({**key, "files": files}), encoding="utf-8")
+    return folder

@@ -17,6 +17,9 @@ ENTRY_POINT_GROUP = "llm_api.backends"
 
 BUILTIN_FAMILIES: dict[str, str] = {
     "llama": "backends.llama:LlamaBackend",
+    "huggingface": "backends.hf:HFBackend",
+    "gptq": "backends.gptq:GPTQBackend",
+    "gptq_llama": "backends.gptq:GPTQBackend",  # the name older configs use
 }
 
 

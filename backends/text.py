@@ -6,7 +6,7 @@ Both work in O(piece) per token: the completion is never re-decoded or re-scanne
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class Utf8Stream:
@@ -49,3 +49,37 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+class TokenTextStream:
+    """Text of generated token ids, for tokenizers that can only decode whole sequences.
+
+    Each step decodes a short window (the tokens of the previous piece before the new ones, so
+    leading spaces and multi-token characters come out right) and emits text only once it no
+    longer ends in an incomplete character: O(window) per token, never the whole completion.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int],
+                 window: int = 5) -> None:
+        self._decode = decode
+        self._ids = list(context[-window:]) if window else []
+        self._read = len(self._ids)  # ids[:read] is context whose text was already emitted
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        piece = self._new_text()
+        if not piece or piece.endswith("\ufffd"):
+            return ""
+        del self._ids[:self._read]  # this step's tokens are the next step's context
+        self._read = len(self._ids)
+        return piece
+
+    def flush(self) -> str:
+        piece = self._new_text()
+        self._ids, self._read = [], 0
+        return piece
+
+    def _new_text(self) -> str:
+        done = self._decode(self._ids[:self._read])
+        text = self._decode(self._ids)
+        return text[len(done):] if len(text) > len(done) else ""

@@ -1,0 +1,259 @@
+"""Hugging Face transformers models: a repository snapshot (config, tokenizer, weights).
+
+torch and transformers are imported when a model loads, never at import time, so validating
+settings or serving llama.cpp models does not need them.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from backends.base import (
+    CHAT,
+    EMBED,
+    GENERATE,
+    TOKENIZE,
+    Backend,
+    Chunk,
+    GenerationRequest,
+    ModelParams,
+    ModelSpec,
+)
+from backends.errors import (
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadError,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_CONTEXT = 2048
+
+
+class HFParams(ModelParams):
+    """`model_params` of `model_family: huggingface`."""
+
+    device_map: str = Field("auto", pattern=r"^(auto|balanced|sequential|cpu|mps|cuda(:\d+)?)$",
+                            description="Where the weights go: auto (GPUs if any, else CPU), "
+                            "cpu, cuda, cuda:N, mps, balanced, sequential.")
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight dtype; auto = the checkpoint's.")
+    trust_remote_code: bool = Field(False, description="Run the repository's own model code "
+                                    "(only for repositories you trust).")
+    n_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of torch; "
+                                  "default: torch's choice.")
+    context_length: int | None = Field(None, ge=16, le=10_000_000, description="Tokens per "
+                                       "sequence (prompt + completion); default: the config's "
+                                       "max_position_embeddings.")
+    chat_template: str | None = Field(None, max_length=100_000, description="Jinja chat "
+                                      "template overriding the tokenizer's.")
+    normalize_embeddings: bool | None = Field(None, description="L2-normalise vectors; "
+                                              "default: yes, or the embedding model's choice.")
+
+
+class HFBackend(Backend):
+    family = "huggingface"
+    Params: ClassVar[type[ModelParams]] = HFParams
+    weights: ClassVar[str | None] = "snapshot"
+    setup_keys: ClassVar[frozenset[str]] = frozenset({"tokenizer_repo_id", "config_params",
+                                                      "task"})
+
+    def __init__(self, model: Any, tokenizer: Any, params: HFParams, task: str,
+                 folder: Path) -> None:
+        from backends.hfembed import read_pooling
+
+        self._model = model
+        self._tokenizer = tokenizer
+        self._params = params
+        self._task = task
+        self._pooling = read_pooling(folder, params.normalize_embeddings)
+        self._context = self._context_length(model, tokenizer, params, self._pooling.max_length)
+        if task == "embedding":
+            self.capabilities = frozenset({EMBED, TOKENIZE})
+        else:
+            from backends.hfgen import TokenLoop
+
+            self._loop: TokenLoop | None = TokenLoop(model, self._eos_ids(model, tokenizer))
+            chat = {CHAT} if tokenizer.chat_template else set()
+            self.capabilities = frozenset({GENERATE, EMBED, TOKENIZE} | chat)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Backend:
+        import torch
+
+        params = spec.params
+        assert isinstance(params, HFParams)
+        if spec.path is None or not (spec.path / "config.json").is_file():
+            raise ModelLoadError(f"model '{spec.name}': the {cls.family} family needs a model "
+                                 "directory with a config.json (a repo_id, or model_path "
+                                 "pointing at such a directory)")
+        if params.n_threads:
+            torch.set_num_threads(params.n_threads)
+        task = spec.setup_params.get("task") or "generate"
+        tokenizer = cls._load_tokenizer(spec, params)
+        try:
+            model = cls._load_model(spec, params, task)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.warning("model %s: loading failed: %r", spec.name, exc)
+            raise ModelLoadError(f"model '{spec.name}': transformers could not load "
+                                 f"'{spec.path.name}' ({type(exc).__name__}; the server log "
+                                 "has the details)") from exc
+        return cls(model.eval(), tokenizer, params, task, spec.path)
+
+    @classmethod
+    def _load_tokenizer(cls, spec: ModelSpec, params: HFParams) -> Any:
+        from transformers import AutoTokenizer
+
+        folder = spec.tokenizer_path or spec.path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, trust_remote_code=params.trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("model %s: tokenizer failed: %r", spec.name, exc)
+            raise ModelLoadError(f"model '{spec.name}': no usable tokenizer in "
+                                 f"'{Path(str(folder)).name}' ({type(exc).__name__})") from exc
+        if params.chat_template:
+            tokenizer.chat_template = params.chat_template
+        return tokenizer
+
+    @classmethod
+    def _model_kwargs(cls, spec: ModelSpec, params: HFParams) -> dict[str, Any]:
+        from transformers import AutoConfig
+
+        assert spec.path is not None
+        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=params.trust_remote_code,
+                                            **(spec.setup_params.get("config_params") or {}))
+        return {"config": config, "dtype": params.torch_dtype, "device_map": params.device_map,
+                "trust_remote_code": params.trust_remote_code}
+
+    @classmethod
+    def _load_model(cls, spec: ModelSpec, params: HFParams, task: str) -> Any:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        assert spec.path is not None
+        auto = AutoModel if task == "embedding" else AutoModelForCausalLM
+        return auto.from_pretrained(spec.path, **cls._model_kwargs(spec, params))
+
+    @staticmethod
+    def _context_length(model: Any, tokenizer: Any, params: HFParams,
+                        pooling_limit: int | None) -> int:
+        if params.context_length:
+            return params.context_length
+        if pooling_limit:
+            return pooling_limit
+        configured = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(configured, int) and configured > 0:
+            return configured
+        limit = getattr(tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 10_000_000 else DEFAULT_CONTEXT
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(model.generation_config, "eos_token_id", None),
+                      model.config.eos_token_id, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    # -- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        ids: list[int] = self._tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        size = len(self._tokenizer)
+        if any(not 0 <= i < size for i in ids):
+            raise InvalidRequest(f"token ids must be between 0 and {size - 1}", param="ids")
+        return self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
+        if not self._tokenizer.chat_template:
+            raise CapabilityNotSupported("This model has no chat template (its tokenizer "
+                                         "defines none); use plain completion or set "
+                                         "model_params.chat_template.", param="messages")
+        from jinja2 import TemplateError
+
+        try:
+            prompt: str = self._tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
+                                 param="messages") from None
+        return prompt
+
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.params.suffix is not None:
+            raise CapabilityNotSupported(f"'suffix' (fill-in-the-middle) is not supported by "
+                                         f"model family '{self.family}'.", param="suffix")
+        if request.messages is not None:
+            # The template writes the special tokens (BOS included) itself.
+            return self.tokenize(self.apply_chat_template(request.messages), add_special=False)
+        return self.tokenize(request.prompt or "")
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        from backends.hfgen import text_chunks
+
+        if self._task == "embedding":
+            raise CapabilityNotSupported("This is an embedding model (setup_params.task: "
+                                         "embedding); it does not generate text.")
+        params = request.params
+        tokens = self._prompt_tokens(request)
+        room = self.context_length - len(tokens)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room <= 0:
+            raise ContextLengthExceeded(prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
+                                        context_length=self.context_length)
+        yield Chunk(prompt_tokens=len(tokens))
+        if params.echo and request.prompt:
+            yield Chunk(text=request.prompt)
+        assert self._loop is not None
+        yield from text_chunks(self._loop.tokens(tokens, params, max_tokens), self._decode,
+                               tokens, params, max_tokens)
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        from backends.hfembed import hidden_states, pool
+
+        encoder = self._model if self._task == "embedding" else self._model.base_model
+        sequences = [self.tokenize(text) for text in texts]
+        for i, ids in enumerate(sequences):
+            if len(ids) > self.context_length:
+                raise ContextLengthExceeded(prompt_tokens=len(ids), max_tokens=0,
+                                            context_length=self.context_length,
+                                            param=f"text[{i}]" if len(texts) > 1 else "text")
+        vectors = []
+        for ids in sequences:
+            hidden, mask = hidden_states(encoder, ids)
+            vectors.append(pool(hidden, mask, self._pooling)[0].tolist())
+        return vectors
+
+    def close(self) -> None:
+        self._model = self._tokenizer = self._loop = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
