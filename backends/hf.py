@@ -101,7 +101,9 @@ class HFBackend(Backend):
         tokenizer = cls._load_tokenizer(spec, params)
         try:
             model = cls._load_model(spec, params, task)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any engine failure is a load error
             log.warning("model %s: loading failed: %r", spec.name, exc)
             raise ModelLoadError(f"model '{spec.name}': transformers could not load "
                                  f"'{spec.path.name}' ({type(exc).__name__}; the server log "
@@ -116,7 +118,7 @@ class HFBackend(Backend):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 folder, trust_remote_code=params.trust_remote_code)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any engine failure is a load error
             log.warning("model %s: tokenizer failed: %r", spec.name, exc)
             raise ModelLoadError(f"model '{spec.name}': no usable tokenizer in "
                                  f"'{Path(str(folder)).name}' ({type(exc).__name__})") from exc
