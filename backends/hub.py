@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import httpx2
@@ -66,9 +67,26 @@ def local_match(folder: Path, pattern: str) -> list[Path]:
                   and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))
 
 
+_LOCKS: dict[Path, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _folder_lock(folder: Path) -> threading.RLock:
+    """One lock per repository folder: two models of one repo (each loading in its own
+    engine thread) must not write the same .part file at once."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(folder.resolve(), threading.RLock())
+
+
 def fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | None = None,
                where: str = "setup_params") -> Path:
     """Return the local path of `filename` from `repo_id`, downloading it if needed."""
+    with _folder_lock(repo_dir(models_dir, repo_id)):
+        return _fetch_file(models_dir, repo_id, filename, revision, where)
+
+
+def _fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | None,
+                where: str) -> Path:
     folder = repo_dir(models_dir, repo_id)
     present = local_match(folder, filename)
     if len(present) == 1:
@@ -223,6 +241,12 @@ def fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None = None,
     Once every file is in place a marker lists them; a later start finds the marker and the
     files and makes no request at all.
     """
+    with _folder_lock(repo_dir(models_dir, repo_id)):
+        return _fetch_snapshot(models_dir, repo_id, revision, where, weights, tokenizer_only)
+
+
+def _fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None, where: str,
+                    weights: str | None, tokenizer_only: bool) -> Path:
     folder = repo_dir(models_dir, repo_id)
     marker = folder / ".cache" / "llm-api" / _SNAPSHOT_MARKER
     key = {"revision": revision or "main", "weights": weights, "tokenizer_only": tokenizer_only}
