@@ -1,7 +1,7 @@
 """Single-stream overhead of the huggingface family: tokens/s through /agenerate ÷ in-process
 transformers `generate` with a `TextIteratorStreamer`.
 
-    .venv/bin/python bench/hf_overhead.py [--threads 2] [--rounds 3] [--tokens 128]
+    .venv/bin/python bench/hf_overhead.py [--threads 1,2] [--rounds 3] [--tokens 128]
 
 Same checkpoint (a random-weight Llama of realistic shape, ~30M parameters, float32, built
 once into bench/.cache with the tiny fixture's tokenizer), same torch threads, greedy, fixed
@@ -125,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", default="2", help="comma-separated torch thread counts")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
 
