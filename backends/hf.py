@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -34,6 +35,10 @@ from backends.errors import (
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
+# transformers and GPTQModel switch torch's process-wide default dtype while they build a
+# model and switch it back afterwards; two models loading at once (each in its own engine
+# thread) would interleave those switches and leave a wrong default behind. One at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 class HFParams(ModelParams):
@@ -100,7 +105,7 @@ class HFBackend(Backend):
         task = spec.setup_params.get("task") or "generate"
         tokenizer = cls._load_tokenizer(spec, params)
         try:
-            model = cls._load_model(spec, params, task)
+            model = cls._load_one_at_a_time(spec, params, task)
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - any engine failure is a load error
@@ -109,6 +114,17 @@ class HFBackend(Backend):
                                  f"'{spec.path.name}' ({type(exc).__name__}; the server log "
                                  "has the details)") from exc
         return cls(model.eval(), tokenizer, params, task, spec.path)
+
+    @classmethod
+    def _load_one_at_a_time(cls, spec: ModelSpec, params: HFParams, task: str) -> Any:
+        import torch
+
+        with _LOAD_LOCK:
+            default_dtype = torch.get_default_dtype()
+            try:
+                return cls._load_model(spec, params, task)
+            finally:
+                torch.set_default_dtype(default_dtype)
 
     @classmethod
     def _load_tokenizer(cls, spec: ModelSpec, params: HFParams) -> Any:

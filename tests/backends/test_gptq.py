@@ -64,8 +64,10 @@ def generate(server: LiveServer, prompt: str, model: str = "q", **params: Any) -
     return text
 
 
-def test_the_alias_and_the_family_share_one_backend() -> None:
+def test_the_alias_and_the_family_share_one_backend(server: LiveServer) -> None:
     assert backend_class("gptq") is backend_class("gptq_llama") is GPTQBackend
+    # two models loaded in parallel: torch's process-wide default dtype is left as it was
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_the_kernel_computes_what_the_unquantized_model_does(server: LiveServer) -> None:
