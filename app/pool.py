@@ -28,7 +28,7 @@ def resolve_weights(entry: ModelEntry, models_dir: Path) -> Path | None:
     if entry.backend.weights == "snapshot":
         assert setup.repo_id is not None  # model_entries() checked there is a source
         return fetch_snapshot(models_dir, setup.repo_id, setup.revision, where,
-                              weights=setup.filename)
+                              weights=setup.filename, code=_trusts_code(entry))
     if not setup.filename:
         raise ModelLoadError(f"{where}.filename is required for model_family "
                              f"'{entry.family}': name the weights file in {setup.repo_id}")
@@ -42,7 +42,12 @@ def resolve_tokenizer(entry: ModelEntry, models_dir: Path) -> Path | None:
     if repo is None:
         return None
     return fetch_snapshot(models_dir, repo, None, entry.setup_key,
-                          tokenizer_only=True)
+                          tokenizer_only=True, code=_trusts_code(entry))
+
+
+def _trusts_code(entry: ModelEntry) -> bool:
+    """The repository's own Python files are fetched only for trust_remote_code models."""
+    return bool(getattr(entry.params, "trust_remote_code", False))
 
 
 def load_model(entry: ModelEntry, models_dir: Path) -> Backend:

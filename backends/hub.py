@@ -218,10 +218,11 @@ _MODEL_FILES = ("config.json", "generation_config.json", "quantize_config.json",
 
 
 def select_snapshot_files(files: list[str], weights: str | None = None,
-                          tokenizer_only: bool = False) -> list[str]:
+                          tokenizer_only: bool = False, code: bool = False) -> list[str]:
     """The files a transformers model needs: config, tokenizer, chat template and weights
-    (one format: `weights` if given, else safetensors, else PyTorch .bin)."""
-    wanted = list(_TOKENIZER_FILES)
+    (one format: `weights` if given, else safetensors, else PyTorch .bin); with `code`, the
+    repository's Python files too (trust_remote_code)."""
+    wanted = list(_TOKENIZER_FILES) + (["*.py"] if code else [])
     if not tokenizer_only:
         wanted += _MODEL_FILES
         if weights:
@@ -235,21 +236,23 @@ def select_snapshot_files(files: list[str], weights: str | None = None,
 
 def fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None = None,
                    where: str = "setup_params", weights: str | None = None,
-                   tokenizer_only: bool = False) -> Path:
+                   tokenizer_only: bool = False, code: bool = False) -> Path:
     """Download the needed files of `repo_id` into `<models_dir>/<owner>/<repo>/`.
 
     Once every file is in place a marker lists them; a later start finds the marker and the
     files and makes no request at all.
     """
     with _folder_lock(repo_dir(models_dir, repo_id)):
-        return _fetch_snapshot(models_dir, repo_id, revision, where, weights, tokenizer_only)
+        return _fetch_snapshot(models_dir, repo_id, revision, where, weights, tokenizer_only,
+                               code)
 
 
 def _fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None, where: str,
-                    weights: str | None, tokenizer_only: bool) -> Path:
+                    weights: str | None, tokenizer_only: bool, code: bool) -> Path:
     folder = repo_dir(models_dir, repo_id)
     marker = folder / ".cache" / "llm-api" / _SNAPSHOT_MARKER
-    key = {"revision": revision or "main", "weights": weights, "tokenizer_only": tokenizer_only}
+    key = {"revision": revision or "main", "weights": weights,
+           "tokenizer_only": tokenizer_only, "code": code}
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         if {k: done.get(k) for k in key} == key and all((folder / f).is_file()
@@ -264,7 +267,7 @@ def _fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None, where:
         listing = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision)
     except Exception as exc:  # noqa: BLE001 - every hub failure is explained by _explain
         raise _explain(exc, repo_id, "the file list", revision, where, models_dir) from exc
-    files = select_snapshot_files(listing, weights, tokenizer_only)
+    files = select_snapshot_files(listing, weights, tokenizer_only, code)
     if weights and not any(fnmatch.fnmatch(f, weights) for f in files):
         raise ModelLoadError(f"{where}.filename '{weights}' is not in {repo_id}; its files: "
                              f"{', '.join(listing[:50])}")

@@ -327,3 +327,49 @@ def test_token_text_stream_matches_whole_decoding(backend: HFBackend) -> None:
         whole = backend._decode(context + ids)[len(backend._decode(context)):]
         assert "".join(pieces) + stream.flush() == whole and text in whole
         assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_download_command_with_a_separate_tokenizer_repo(
+        hf_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    monkeypatch.setenv("HF_ENDPOINT", hf_hub.url)
+    models = tmp_path / "models"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models_dir": str(models), **hf_model(
+        BARE_REPO), "setup_params": {"repo_id": BARE_REPO, "tokenizer_repo_id": HF_REPO,
+                                     "config_params": {"max_position_embeddings": 512}}}))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "download", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    model_dir, tokenizer_dir = models / "acme" / "tiny-llama-no-template", models / "acme" / \
+        "tiny-llama"
+    assert (model_dir / "model.safetensors").is_file()
+    assert (tokenizer_dir / "chat_template.jinja").is_file()
+    assert not (tokenizer_dir / "model.safetensors").exists()  # tokenizer files only
+    entry_setup = load_settings(config).setup_params
+    assert entry_setup is not None
+    backend = HFBackend.load(ModelSpec(name="x", path=model_dir, params=HFParams(),
+                                       setup_params=entry_setup.model_dump(),
+                                       tokenizer_path=tokenizer_dir))
+    assert CHAT in backend.capabilities  # the template came with the tokenizer repo
+    assert backend.context_length == 512  # config_params reached the model's config
+    backend.close()
+
+
+def test_file_selection_prefers_safetensors_and_skips_code() -> None:
+    from backends.hub import select_snapshot_files
+
+    listing = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+               "model-00002-of-00002.safetensors", "pytorch_model.bin", "modeling_x.py",
+               "tokenizer.json", "README.md", "onnx/model.onnx", "1_Pooling/config.json"]
+    assert select_snapshot_files(listing) == [
+        "1_Pooling/config.json", "config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    assert "modeling_x.py" in select_snapshot_files(listing, code=True)
+    old = ["config.json", "pytorch_model.bin", "tokenizer.json"]
+    assert select_snapshot_files(old) == old
+    assert select_snapshot_files(listing, tokenizer_only=True) == ["tokenizer.json"]
