@@ -80,4 +80,9 @@ class GPTQBackend(HFBackend):
             else {"device": params.device_map})
         wrapper = GPTQModel.load(str(spec.path), backend=BACKEND(kernel), dtype=params.torch_dtype,
                                  trust_remote_code=params.trust_remote_code, **placement)
-        return wrapper.model
+        model = wrapper.model
+        # The kernel compiles on its first forward pass (about a minute on a fresh CPU
+        # machine): do it now, so the model is ready only once requests run at full speed.
+        with torch.inference_mode():
+            model(input_ids=torch.ones((1, 1), dtype=torch.long, device=model.device))
+        return model

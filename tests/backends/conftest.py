@@ -66,7 +66,9 @@ def module_env() -> Iterator[pytest.MonkeyPatch]:
 def start_module_server(config: dict[str, Any], directory: Path, hub: FakeHub,
                         env: pytest.MonkeyPatch) -> LiveServer:
     env.setenv("HF_ENDPOINT", hub.url)
-    return LiveServer(config, directory).start()
+    server = LiveServer(config, directory).start(wait_ready=False)
+    server.wait_ready(timeout=240)  # GPTQModel's first load on a machine compiles its kernel
+    return server
 
 
 def first_piece_then_cancel(server: LiveServer, body: dict[str, Any], model: str) -> None:
