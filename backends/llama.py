@@ -7,6 +7,7 @@ serving other families does not need it.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
@@ -18,9 +19,11 @@ from backends.base import (
     CHAT,
     EMBED,
     GENERATE,
+    JSON_OUTPUT,
     TOKENIZE,
     Backend,
     Chunk,
+    GenerationParams,
     GenerationRequest,
     ModelParams,
     ModelSpec,
@@ -34,7 +37,7 @@ from backends.errors import (
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
-    from llama_cpp import Llama
+    from llama_cpp import Llama, LlamaGrammar
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class LlamaBackend(Backend):
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
         self._chat = self._formatter(template) if template else None
-        caps = {GENERATE, TOKENIZE} | ({EMBED} if params.embeddings else set())
+        caps = {GENERATE, TOKENIZE, JSON_OUTPUT} | ({EMBED} if params.embeddings else set())
         self.capabilities = frozenset(caps | ({CHAT} if self._chat else set()))
 
     @classmethod
@@ -172,6 +175,7 @@ class LlamaBackend(Backend):
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         params = request.params
         tokens = self._prompt_tokens(request)
+        grammar = self._grammar(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -187,7 +191,7 @@ class LlamaBackend(Backend):
                 tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                 temp=params.temperature, repeat_penalty=params.repeat_penalty,
                 presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty):
+                frequency_penalty=params.frequency_penalty, grammar=grammar):
             if self._lib.llama_vocab_is_eog(self._vocab, token):
                 finish = "stop"
                 break
@@ -204,6 +208,25 @@ class LlamaBackend(Backend):
             if tail := tail + stops.flush():
                 yield Chunk(text=tail)
         yield Chunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=count)
+
+    @staticmethod
+    def _grammar(params: GenerationParams) -> LlamaGrammar | None:
+        """llama.cpp grammar constraining the output to JSON (response_format)."""
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if params.json_schema is not None:
+            try:
+                return LlamaGrammar.from_json_schema(json.dumps(params.json_schema),
+                                                     verbose=False)
+            except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions
+                log.info("json schema not convertible to a grammar: %r", exc)
+                raise InvalidRequest("response_format.json_schema.schema uses a construct the "
+                                     "grammar converter does not support (see llama.cpp's "
+                                     "json-schema-to-grammar).",
+                                     param="response_format") from None
+        if params.json_mode:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return None
 
     # -- embeddings ------------------------------------------------------------------------
 
