@@ -7,7 +7,6 @@ serving other families does not need it.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,6 @@ from backends.base import (
     TOKENIZE,
     Backend,
     Chunk,
-    GenerationParams,
     GenerationRequest,
     ModelParams,
     ModelSpec,
@@ -34,10 +32,11 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from backends.grammar import json_grammar
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
-    from llama_cpp import Llama, LlamaGrammar
+    from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ class LlamaBackend(Backend):
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         params = request.params
         tokens = self._prompt_tokens(request)
-        grammar = self._grammar(params)
+        grammar = json_grammar(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -208,25 +207,6 @@ class LlamaBackend(Backend):
             if tail := tail + stops.flush():
                 yield Chunk(text=tail)
         yield Chunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=count)
-
-    @staticmethod
-    def _grammar(params: GenerationParams) -> LlamaGrammar | None:
-        """llama.cpp grammar constraining the output to JSON (response_format)."""
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-        if params.json_schema is not None:
-            try:
-                return LlamaGrammar.from_json_schema(json.dumps(params.json_schema),
-                                                     verbose=False)
-            except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions
-                log.info("json schema not convertible to a grammar: %r", exc)
-                raise InvalidRequest("response_format.json_schema.schema uses a construct the "
-                                     "grammar converter does not support (see llama.cpp's "
-                                     "json-schema-to-grammar).",
-                                     param="response_format") from None
-        if params.json_mode:
-            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        return None
 
     # -- embeddings ------------------------------------------------------------------------
 
