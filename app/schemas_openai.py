@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal, cast
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
 from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
@@ -221,6 +221,17 @@ class EmbeddingRequest(StrictSchema):
     dimensions: int | None = Field(None, ge=1, description="Not supported: the model's size.")
     user: str | None = Field(None, max_length=256)
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        ok = isinstance(value, str) or isinstance(value, list) and (
+            all(isinstance(i, str) for i in value) or all(_is_id(i) for i in value)
+            or all(isinstance(i, list) and all(_is_id(t) for t in i) for i in value))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "(integers) or a list of token-id lists")
+        return value
+
     @model_validator(mode="after")
     def _bounded_input(self) -> EmbeddingRequest:
         items = self.inputs()
@@ -242,3 +253,7 @@ class EmbeddingRequest(StrictSchema):
         if self.dimensions is not None:
             raise UnsupportedParameter("'dimensions' is not supported: vectors have the "
                                        "model's own size; omit it.", param="dimensions")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
