@@ -33,11 +33,12 @@ CASES = [
     # 400 BadRequestError: understood, but cannot be done
     (chat(max_tokens=9000), openai.BadRequestError, "context_length_exceeded", "8192"),
     (complete(max_tokens=9000), openai.BadRequestError, "context_length_exceeded", "8192"),
-    (chat(logprobs=True), openai.BadRequestError, "unsupported_parameter", "logprobs"),
+    (chat(top_logprobs=2), openai.BadRequestError, "invalid_request", "logprobs"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), openai.BadRequestError,
      "unsupported_parameter", "tool"),
     (chat(logit_bias={"5": 1}), openai.BadRequestError, "unsupported_parameter", "logit_bias"),
-    (complete(logprobs=2), openai.BadRequestError, "unsupported_parameter", "logprobs"),
+    (complete(model="rev", logprobs=2), openai.BadRequestError, "unsupported_capability",
+     "logprobs"),
     (embed(dimensions=8), openai.BadRequestError, "unsupported_parameter", "dimensions"),
     (chat(model="rev"), openai.BadRequestError, "unsupported_capability", "chat"),
     (complete(model="rev", extra_body={"response_format": None}), openai.UnprocessableEntityError,
@@ -88,8 +89,9 @@ def test_errors_raise_the_sdks_typed_exceptions(client: OpenAI, call: Callable[[
 
 def test_error_bodies_are_openais_shape(v1: LiveServer) -> None:
     error = assert_error(v1.client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": USER, "logprobs": True}), 400, "unsupported_parameter")
-    assert error["type"] == "invalid_request_error" and error["param"] == "logprobs"
+        "model": "tiny", "messages": USER, "logit_bias": {"1": 2}}), 400,
+        "unsupported_parameter")
+    assert error["type"] == "invalid_request_error" and error["param"] == "logit_bias"
     error = assert_error(v1.client.post("/v1/chat/completions", json={
         "model": "nope", "messages": USER}), 404, "model_not_found")
     assert error["param"] == "model"
