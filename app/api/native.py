@@ -86,8 +86,8 @@ async def chat_completion(body: QueueChatRequest, request: Request, response: Re
 
 async def _run_job(job: QueueJob, generation: GenerationRequest, request: Request,
                    response: Response, pool: PoolDep) -> QueueAnswer:
+    request.state.request_id = response.headers["X-Request-ID"] = job.job_id
     scheduler = pool.get(job.meta.model)
-    response.headers["X-Request-ID"] = job.job_id
     log.info("job %s (source %r, priority %s) on model %s", job.job_id, job.source,
              job.priority, scheduler.name)
     stream, clamped = await service.start_clamped(scheduler, generation)

@@ -87,6 +87,13 @@ def test_tokens_limit_beyond_the_context_is_clamped(gateway: LiveServer) -> None
     assert fits.status_code == 200 and "warning" not in fits.headers
 
 
+def test_job_id_is_echoed_on_errors_too(gateway: LiveServer) -> None:
+    response = gateway.client.post("/chat_completion", json={
+        "job_id": "err-1", "meta": {"model": "nope"}, "messages": MESSAGES})
+    assert_error(response, 404, "model_not_found")
+    assert response.headers["x-request-id"] == "err-1"
+
+
 def test_job_id_is_in_the_log(gateway: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="app.api.native")
     gateway.client.post("/generate", json={"job_id": "trace-42", "source": "billing",
