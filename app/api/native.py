@@ -60,9 +60,16 @@ async def generate_body(request: Request) -> GenerateRequest | QueueGenerateRequ
 
 
 GenerateBody = Annotated[GenerateRequest | QueueGenerateRequest, Depends(generate_body)]
+
+def _queue_body_schema() -> dict[str, Any]:
+    """QueueGenerateRequest inline (its QueueMeta is in the components via /chat_completion)."""
+    schema = QueueGenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
 _BODIES = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "oneOf": [{"$ref": "#/components/schemas/GenerateRequest"},
-              {"$ref": "#/components/schemas/QueueGenerateRequest"}]}}}}}
+    "oneOf": [{"$ref": "#/components/schemas/GenerateRequest"}, _queue_body_schema()]}}}}}
 
 
 @router.post("/generate", openapi_extra=_BODIES, response_model=str | QueueAnswer)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -123,3 +125,13 @@ def test_job_id_is_in_the_log(gateway: LiveServer, caplog: pytest.LogCaptureFixt
 def test_bad_queue_jobs(gateway: LiveServer, path: str, body: dict, status: int, code: str,
                         mentions: tuple[str, ...]) -> None:
     assert_error(gateway.client.post(path, json=body), status, code, mentions)
+
+
+def test_openapi_documents_both_generate_bodies(gateway: LiveServer) -> None:
+    spec = gateway.client.get("/openapi.json").json()
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]
+    [classic, queued] = body["schema"]["oneOf"]
+    assert classic["$ref"].endswith("/GenerateRequest")
+    assert set(queued["properties"]) == {"job_id", "priority", "source", "meta", "content"}
+    refs = set(re.findall(r'"\$ref": ?"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs and refs <= set(spec["components"]["schemas"])
