@@ -60,7 +60,7 @@ async def start_clamped(scheduler: ModelScheduler,
         return await start_generation(scheduler, request), None
     except ContextLengthExceeded as exc:
         room = exc.context_length - exc.prompt_tokens
-        if request.params.max_tokens is None or room <= 0:
+        if room <= 0:  # the prompt alone fills the context
             raise
         clamped = replace(request, params=replace(request.params, max_tokens=room))
         return await start_generation(scheduler, clamped), room

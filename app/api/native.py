@@ -101,8 +101,9 @@ async def _run_job(job: QueueJob, generation: GenerationRequest, request: Reques
     if clamped is not None:
         log.warning("job %s: tokens_limit %s clamped to %s", job.job_id,
                     job.meta.tokens_limit, clamped)
-        response.headers["Warning"] = (f'299 llm-api "tokens_limit {job.meta.tokens_limit} is '
-                                       f'more than the context leaves; clamped to {clamped}"')
+        asked = job.meta.tokens_limit or "the default"
+        response.headers["Warning"] = (f'299 llm-api "tokens_limit {asked} is more than the '
+                                       f'context leaves; clamped to {clamped}"')
     text, _ = await service.unless_disconnected(request, stream, service.collect(stream))
     log.info("job %s done", job.job_id)
     return QueueAnswer(content=text)

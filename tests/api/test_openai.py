@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.conftest import LiveServer, parse_sse
+from tests.api.conftest import capabilities
+from tests.conftest import LiveServer, assert_error, parse_sse
 
 USER = [{"role": "user", "content": "hello, who are you?"}]
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -193,9 +194,23 @@ PERSON = {
 }
 
 
+def without_capability(v1: LiveServer, model: str, capability: str) -> bool:
+    """True (after checking the clear 400) when `model` lacks an optional capability."""
+    if capability in capabilities(v1, model):
+        return False
+    request = {"model": model, "messages": USER, "max_tokens": 4,
+               **({"logprobs": True} if capability == "logprobs" else
+                  {"response_format": {"type": "json_object"}})}
+    assert_error(v1.client.post("/v1/chat/completions", json=request), 400,
+                 "unsupported_capability", (capability.split("_")[0],))
+    return True
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_json_schema_output_parses_and_validates(client: OpenAI, model: str,
+def test_json_schema_output_parses_and_validates(client: OpenAI, v1: LiveServer, model: str,
                                                  seed: int) -> None:
+    if without_capability(v1, model, "json_output"):
+        return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "a person as JSON"}],
         max_tokens=400, seed=seed, temperature=1.0,
@@ -206,7 +221,9 @@ def test_json_schema_output_parses_and_validates(client: OpenAI, model: str,
     jsonschema.validate(json.loads(choice.message.content or ""), PERSON)
 
 
-def test_json_object_output_parses(client: OpenAI, model: str) -> None:
+def test_json_object_output_parses(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "json_output"):
+        return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "JSON please"}], max_tokens=400,
         seed=0, temperature=1.0, response_format={"type": "json_object"})
@@ -231,7 +248,9 @@ def test_async_client(async_client: AsyncOpenAI, client: OpenAI, model: str) -> 
     assert len(vector) == 64
 
 
-def test_chat_logprobs(client: OpenAI, model: str) -> None:
+def test_chat_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "logprobs"):
+        return
     reply = client.chat.completions.create(model=model, messages=USER, logprobs=True,
                                            top_logprobs=3, **GREEDY)
     choice = reply.choices[0]
@@ -259,7 +278,9 @@ def test_chat_logprobs(client: OpenAI, model: str) -> None:
     assert plain.choices[0].logprobs is None
 
 
-def test_completion_logprobs(client: OpenAI, model: str) -> None:
+def test_completion_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "logprobs"):
+        return
     reply = client.completions.create(model=model, prompt="the quick brown fox", logprobs=2,
                                       echo=True, **GREEDY)
     logprobs = reply.choices[0].logprobs
