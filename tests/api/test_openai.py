@@ -202,7 +202,8 @@ def without_capability(v1: LiveServer, model: str, capability: str) -> bool:
                **({"logprobs": True} if capability == "logprobs" else
                   {"response_format": {"type": "json_object"}})}
     assert_error(v1.client.post("/v1/chat/completions", json=request), 400,
-                 "unsupported_capability", (capability.split("_")[0],))
+                 "unsupported_capability",
+                 ("logprobs" if capability == "logprobs" else "response_format",))
     return True
 
 
