@@ -132,18 +132,20 @@ async def embed(scheduler: ModelScheduler, texts: list[str]) -> list[list[float]
 
 async def embed_inputs(scheduler: ModelScheduler,
                        inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
-    """Embed texts or token-id lists (detokenized by the model); also the input tokens."""
+    """Embed texts or token-id lists (detokenized by the model); also the input tokens
+    (the ids given, or the texts' tokens; 0 for a family that does not tokenize)."""
     _require(scheduler, EMBED, "embeddings")
-    texts: list[str] = [i for i in inputs if isinstance(i, str)]
-    if len(texts) != len(inputs):
+    ids = [i for i in inputs if isinstance(i, list)]
+    texts = [i for i in inputs if isinstance(i, str)]
+    if ids:
         _require(scheduler, TOKENIZE, "token-id input")
-        ids = [i for i in inputs if isinstance(i, list)]
         texts = await scheduler.call(lambda b: [b.detokenize(one) for one in ids])
-    vectors = await scheduler.embed(texts)
-    counted = TOKENIZE in _capabilities(scheduler)
-    tokens = await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts)) \
-        if counted else 0
-    return vectors, tokens
+        tokens = sum(len(one) for one in ids)
+    elif TOKENIZE in _capabilities(scheduler):
+        tokens = await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts))
+    else:
+        tokens = 0
+    return await scheduler.embed(texts), tokens
 
 
 async def tokenize(scheduler: ModelScheduler, text: str | None,

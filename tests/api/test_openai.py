@@ -160,6 +160,7 @@ def test_embeddings_string_list_ids_base64(client: OpenAI, v1: LiveServer,
     ids = v1.client.post("/tokenize", json={"model": model, "text": "hello world",
                                             "add_special": False}).json()["tokens"]
     by_ids = client.embeddings.create(model=model, input=ids)
+    assert by_ids.usage.prompt_tokens == len(ids)
     assert by_ids.data[0].embedding == pytest.approx(item.embedding, abs=1e-5)
     lists = client.embeddings.create(model=model, input=[ids, ids[:1]])
     assert len(lists.data) == 2
