@@ -46,6 +46,10 @@ class ClientDisconnected(LLMAPIError):
     pass
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A known parameter with a value this server cannot honour (400)."""
+
+
 class InvalidParams(LLMAPIError):
     """A request field is out of range or unknown (422)."""
 
@@ -79,6 +83,7 @@ class ErrorSpec:
 ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (ContextLengthExceeded, ErrorSpec(400, "invalid_request_error", "context_length_exceeded")),
     (CapabilityNotSupported, ErrorSpec(400, "invalid_request_error", "unsupported_capability")),
+    (UnsupportedParameter, ErrorSpec(400, "invalid_request_error", "unsupported_parameter")),
     (InvalidRequest, ErrorSpec(400, "invalid_request_error", "invalid_request")),
     (InvalidParams, ErrorSpec(422, "invalid_request_error", "invalid_parameter")),
     (Unauthorized, ErrorSpec(401, "authentication_error", "invalid_api_key")),
@@ -121,6 +126,12 @@ def response_for(exc: LLMAPIError) -> JSONResponse:
 def sse_error(exc: LLMAPIError) -> dict[str, str]:
     """The frame that ends a stream which fails after it began."""
     return {"event": "error", "data": json.dumps(body_for(exc))}
+
+
+def sse_error_data(exc: LLMAPIError) -> dict[str, str]:
+    """OpenAI's streaming style: a plain `data:` event with the error body (the SDK raises
+    APIError on it); the stream then ends without `[DONE]`."""
+    return {"data": json.dumps(body_for(exc))}
 
 
 def as_domain_error(exc: BaseException) -> LLMAPIError:

@@ -21,6 +21,8 @@ GENERATE = "generate"
 CHAT = "chat"
 EMBED = "embed"
 TOKENIZE = "tokenize"
+#: Output constrained to JSON (any object, or one matching a JSON schema).
+JSON_OUTPUT = "json_output"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class GenerationParams:
     seed: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # Constrained output (backends with the JSON_OUTPUT capability): any JSON value when
+    # `json_mode`, a value matching `json_schema` when set. Others reject the request.
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from backends.base import (
     CHAT,
     EMBED,
     GENERATE,
+    JSON_OUTPUT,
     TOKENIZE,
     Backend,
     Chunk,
@@ -31,6 +32,7 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from backends.grammar import json_grammar
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
@@ -78,7 +80,7 @@ class LlamaBackend(Backend):
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
         self._chat = self._formatter(template) if template else None
-        caps = {GENERATE, TOKENIZE} | ({EMBED} if params.embeddings else set())
+        caps = {GENERATE, TOKENIZE, JSON_OUTPUT} | ({EMBED} if params.embeddings else set())
         self.capabilities = frozenset(caps | ({CHAT} if self._chat else set()))
 
     @classmethod
@@ -172,6 +174,7 @@ class LlamaBackend(Backend):
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         params = request.params
         tokens = self._prompt_tokens(request)
+        grammar = json_grammar(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -187,7 +190,7 @@ class LlamaBackend(Backend):
                 tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                 temp=params.temperature, repeat_penalty=params.repeat_penalty,
                 presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty):
+                frequency_penalty=params.frequency_penalty, grammar=grammar):
             if self._lib.llama_vocab_is_eog(self._vocab, token):
                 finish = "stop"
                 break
