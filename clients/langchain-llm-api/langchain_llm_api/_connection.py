@@ -60,13 +60,14 @@ class Connection(BaseModel):
     # -- sync -----------------------------------------------------------------------------
 
     @contextmanager
-    def _open(self, path: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
-        """POST `body`; yields the response (2xx only, body not yet read)."""
+    def _open(self, path: str, body: dict[str, Any] | None,
+              method: str = "POST") -> Iterator[httpx.Response]:
+        """POST `body` (or GET); yields the response (2xx only, body not yet read)."""
         transport = httpx.HTTPTransport(retries=self.max_retries)
         with _translated(), httpx.Client(transport=transport,
                                          **self._client_options()) as client:
             for attempt in range(self.max_retries + 1):
-                request = client.build_request("POST", path, json=body)
+                request = client.build_request(method, path, json=body)
                 response = client.send(request, stream=True)
                 if response.is_success:
                     try:
@@ -82,8 +83,8 @@ class Connection(BaseModel):
                     raise error
                 time.sleep(wait)
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        with self._open(path, body) as response:
+    def _post(self, path: str, body: dict[str, Any] | None, method: str = "POST") -> Any:
+        with self._open(path, body, method) as response:
             response.read()
             return response.json()
 
@@ -98,13 +99,14 @@ class Connection(BaseModel):
     # -- async ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _aopen(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+    async def _aopen(self, path: str, body: dict[str, Any] | None,
+                     method: str = "POST") -> AsyncIterator[httpx.Response]:
         transport = httpx.AsyncHTTPTransport(retries=self.max_retries)
         with _translated():
             async with httpx.AsyncClient(transport=transport,
                                          **self._client_options()) as client:
                 for attempt in range(self.max_retries + 1):
-                    request = client.build_request("POST", path, json=body)
+                    request = client.build_request(method, path, json=body)
                     response = await client.send(request, stream=True)
                     if response.is_success:
                         try:
@@ -120,8 +122,9 @@ class Connection(BaseModel):
                         raise error
                     await asyncio.sleep(wait)
 
-    async def _apost(self, path: str, body: dict[str, Any]) -> Any:
-        async with self._aopen(path, body) as response:
+    async def _apost(self, path: str, body: dict[str, Any] | None,
+                     method: str = "POST") -> Any:
+        async with self._aopen(path, body, method) as response:
             await response.aread()
             return response.json()
 

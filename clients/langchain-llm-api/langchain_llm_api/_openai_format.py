@@ -17,6 +17,8 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
+from langchain_llm_api.errors import error_from_event
+
 _ROLES: tuple[tuple[type[BaseMessage], str], ...] = (
     (SystemMessage, "system"), (HumanMessage, "user"), (AIMessage, "assistant"),
 )
@@ -89,8 +91,11 @@ def chat_result(answer: dict[str, Any]) -> ChatResult:
 
 
 def chunk_from_event(data: str) -> ChatGenerationChunk | None:
-    """A ChatGenerationChunk from one `chat.completion.chunk` (None if it carries nothing)."""
+    """A ChatGenerationChunk from one `chat.completion.chunk` (None if it carries nothing);
+    an error object (a failure after the stream began) raises its exception."""
     answer = json.loads(data)
+    if "error" in answer:
+        raise error_from_event(data)
     usage = usage_metadata(answer.get("usage"))
     choices = answer.get("choices") or []
     if not choices and usage is None:

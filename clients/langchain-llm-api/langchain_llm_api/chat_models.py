@@ -18,7 +18,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from langchain_llm_api._connection import Connection
 from langchain_llm_api._openai_format import (
@@ -67,6 +67,8 @@ class ChatLLMAPI(Connection, BaseChatModel):
     stream_usage: bool = True
     """Ask for the usage chunk at the end of streams (`stream_options.include_usage`)."""
 
+    _default_model: str | None = PrivateAttr(None)
+
     @property
     def _llm_type(self) -> str:
         return "llm-api-chat"
@@ -90,15 +92,31 @@ class ChatLLMAPI(Connection, BaseChatModel):
             params["ls_stop"] = list(stops)
         return params
 
+    def _served_model(self, kwargs: dict[str, Any]) -> str:
+        """The call's `model`, else `model`, else the server's first model (asked once from
+        GET /v1/models)."""
+        if kwargs.get("model") or self.model:
+            return str(kwargs.get("model") or self.model)
+        if self._default_model is None:
+            self._default_model = _first_model(self._post("/v1/models", None, "GET"))
+        return self._default_model
+
+    async def _aserved_model(self, kwargs: dict[str, Any]) -> str:
+        if kwargs.get("model") or self.model:
+            return str(kwargs.get("model") or self.model)
+        if self._default_model is None:
+            self._default_model = _first_model(await self._apost("/v1/models", None, "GET"))
+        return self._default_model
+
     def _payload(self, messages: list[BaseMessage], stop: list[str] | None,
-                 kwargs: dict[str, Any], stream: bool) -> dict[str, Any]:
+                 kwargs: dict[str, Any], stream: bool, model: str) -> dict[str, Any]:
         unknown = sorted(set(kwargs) - set(CALL_PARAMS))
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; "
                              f"allowed: stop, {', '.join(CALL_PARAMS)}")
         payload: dict[str, Any] = {"messages": message_dicts(messages)}
         payload.update({k: getattr(self, k) for k in SAMPLING_PARAMS})
-        payload["model"] = self.model
+        payload["model"] = model
         payload.update(kwargs)
         stops = stop if stop is not None else self.stop
         if stops:
@@ -112,18 +130,21 @@ class ChatLLMAPI(Connection, BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        return chat_result(self._post(CHAT_PATH, self._payload(messages, stop, kwargs, False)))
+        payload = self._payload(messages, stop, kwargs, False, self._served_model(kwargs))
+        return chat_result(self._post(CHAT_PATH, payload))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        answer = await self._apost(CHAT_PATH, self._payload(messages, stop, kwargs, False))
+        payload = self._payload(messages, stop, kwargs, False, await self._aserved_model(kwargs))
+        answer = await self._apost(CHAT_PATH, payload)
         return chat_result(answer)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        for event in self._events(CHAT_PATH, self._payload(messages, stop, kwargs, True)):
+        payload = self._payload(messages, stop, kwargs, True, self._served_model(kwargs))
+        for event in self._events(CHAT_PATH, payload):
             if event.data.strip() == "[DONE]":
                 break
             chunk = chunk_from_event(event.data)
@@ -136,7 +157,7 @@ class ChatLLMAPI(Connection, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        payload = self._payload(messages, stop, kwargs, True)
+        payload = self._payload(messages, stop, kwargs, True, await self._aserved_model(kwargs))
         async for event in self._aevents(CHAT_PATH, payload):
             if event.data.strip() == "[DONE]":
                 break
@@ -184,6 +205,13 @@ class ChatLLMAPI(Connection, BaseChatModel):
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         with_fallback = parsed.with_fallbacks([fallback], exception_key="parsing_error")
         return RunnableMap(raw=llm) | with_fallback
+
+
+def _first_model(answer: Any) -> str:
+    try:
+        return str(answer["data"][0]["id"])
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("GET /v1/models listed no model; set ChatLLMAPI(model=...)") from None
 
 
 def _json_schema_format(schema: Mapping[str, Any] | type,
