@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -10,8 +10,7 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import LanguageModelInput
-from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
@@ -169,7 +168,7 @@ class ChatLLMAPI(Connection, BaseChatModel):
             yield chunk
 
     def with_structured_output(
-        self, schema: Mapping[str, Any] | type | None = None, *,
+        self, schema: dict[str, Any] | type | None = None, *,
         method: StructuredMethod = "json_schema", include_raw: bool = False,
         strict: bool | None = None, **kwargs: Any,
     ) -> Runnable[LanguageModelInput, Any]:
@@ -214,7 +213,7 @@ def _first_model(answer: Any) -> str:
         raise ValueError("GET /v1/models listed no model; set ChatLLMAPI(model=...)") from None
 
 
-def _json_schema_format(schema: Mapping[str, Any] | type,
+def _json_schema_format(schema: dict[str, Any] | type,
                         strict: bool | None) -> dict[str, Any]:
     json_schema = convert_to_json_schema(schema)
     name = json_schema.get("title") or "output"
@@ -224,7 +223,7 @@ def _json_schema_format(schema: Mapping[str, Any] | type,
     return {"type": "json_schema", "json_schema": spec}
 
 
-def _parser_for(schema: Mapping[str, Any] | type | None) -> Runnable[Any, Any]:
+def _parser_for(schema: dict[str, Any] | type | None) -> Runnable[Any, Any]:
     if isinstance(schema, type) and is_basemodel_subclass(schema):  # pydantic v1 or v2
         return PydanticOutputParser(pydantic_object=schema)
     return JsonOutputParser()

@@ -8,15 +8,14 @@ import json
 from typing import Any, Literal
 
 import pytest
-from conftest import RecordingEndpoint, ServerProcess
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_llm_api import BadRequestError, ChatLLMAPI, InternalServerError, NotFoundError
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from langchain_tests.unit_tests.chat_models import TEST_PYDANTIC_MODELS
+from lc_servers import RecordingEndpoint, ServerProcess
 from pydantic import BaseModel, Field
-
-from langchain_llm_api import BadRequestError, ChatLLMAPI, InternalServerError, NotFoundError
 
 RANDOM_MODEL = ("the tiny test model has random weights: it cannot follow an instruction "
                 "or produce the requested keys without a schema")

@@ -6,11 +6,10 @@ import math
 
 import httpx
 import pytest
-from conftest import ServerProcess
+from langchain_llm_api import LLMAPIEmbeddings, NotFoundError
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests
 from langchain_tests.unit_tests import EmbeddingsUnitTests
-
-from langchain_llm_api import LLMAPIEmbeddings, NotFoundError
+from lc_servers import ServerProcess
 
 TEXTS = ["hello world", "a brown fox", "x", "the quick brown fox jumps", "hello world"]
 

@@ -6,9 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerProcess
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
-
 from langchain_llm_api import (
     LLMAPI,
     BadRequestError,
@@ -16,6 +14,7 @@ from langchain_llm_api import (
     NotFoundError,
     OverloadedError,
 )
+from lc_servers import ServerProcess
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}
 

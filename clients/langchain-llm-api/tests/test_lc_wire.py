@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import RecordingEndpoint
-
 from langchain_llm_api import (
     LLMAPI,
     APIConnectionError,
@@ -23,6 +21,7 @@ from langchain_llm_api import (
     RateLimitError,
 )
 from langchain_llm_api.sse import ServerSentEvent, iter_events
+from lc_servers import RecordingEndpoint
 
 
 def test_api_key_is_sent_as_bearer(recording_endpoint: RecordingEndpoint) -> None:
@@ -108,7 +107,7 @@ async def test_error_statuses_become_typed_exceptions(
     calls = {
         "llm": lambda: LLMAPI(**options).ainvoke("x"),
         "llm-stream": lambda: _drain(LLMAPI(**options).astream("x")),
-        "chat": lambda: ChatLLMAPI(**options).ainvoke("x"),
+        "chat": lambda: ChatLLMAPI(**options, model="m").ainvoke("x"),
         "embeddings": lambda: LLMAPIEmbeddings(**options).aembed_query("x"),
     }
     with pytest.raises(cls) as raised:
