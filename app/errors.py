@@ -156,10 +156,14 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LLMAPIError)
-    async def _domain(_: Request, exc: LLMAPIError) -> JSONResponse:
+    async def _domain(request: Request, exc: LLMAPIError) -> JSONResponse:
         if spec_for(exc).status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return response_for(exc)
+        response = response_for(exc)
+        request_id = getattr(request.state, "request_id", None)
+        if request_id is not None:  # a route named the request (e.g. a queue job_id)
+            response.headers["X-Request-ID"] = request_id
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

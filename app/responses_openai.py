@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from backends.base import Chunk
+from backends.base import Chunk, TokenLogprob
 
 
 def new_id(prefix: str) -> str:
@@ -39,6 +39,62 @@ class Usage(BaseModel):
         return cls.of(prompt, sum(f.completion_tokens or 0 for f in finals if f is not None))
 
 
+Piece = bytes  # TopLogprob has a field named `bytes`
+
+
+def _text(piece: Piece) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, piece: Piece, logprob: float) -> TopLogprob:
+        return cls(token=_text(piece), logprob=logprob, bytes=list(piece))
+
+
+class TokenInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat's `choices[].logprobs`."""
+
+    content: list[TokenInfo]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, scored: list[TokenLogprob], wanted: bool) -> ChoiceLogprobs | None:
+        if not wanted:
+            return None
+        return cls(content=[TokenInfo(**TopLogprob.of(t.piece, t.logprob).model_dump(),
+                                      top_logprobs=[TopLogprob.of(*alt) for alt in t.top])
+                            for t in scored])
+
+
+class CompletionLogprobs(BaseModel):
+    """Text completions' `choices[].logprobs` (the legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, scored: list[TokenLogprob], wanted: bool,
+           offset: int = 0) -> CompletionLogprobs | None:
+        if not wanted:
+            return None
+        tokens = [_text(t.piece) for t in scored]
+        offsets = [offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+        return cls(tokens=tokens, token_logprobs=[t.logprob for t in scored],
+                   top_logprobs=[{_text(p): lp for p, lp in t.top} for t in scored],
+                   text_offset=offsets)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -48,7 +104,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -65,7 +121,7 @@ class ChatCompletion(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: dict[str, str]  # {"role", "content"} first, {"content"} next, {} last
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -82,7 +138,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

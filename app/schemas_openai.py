@@ -1,7 +1,7 @@
 """Request schemas of the OpenAI-compatible API (/v1/*). Each turns itself into backend words.
 
 Fields the official `openai` SDK and LangChain send are accepted; a value the server cannot
-honour (tools, logit_bias, logprobs, dimensions, ...) is a 400 `unsupported_parameter` that
+honour (tools, logit_bias, dimensions, ...) is a 400 `unsupported_parameter` that
 says what is supported, never silently ignored. Unknown fields are rejected with the list of
 the allowed ones.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal, cast
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
 from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
 from backends.base import GenerationParams, GenerationRequest
+from backends.errors import InvalidRequest
 
 MAX_CHOICES = 8  # most `n` per request; choices are generated one after the other
 MAX_MESSAGES = 1000
@@ -141,8 +142,10 @@ class ChatCompletionRequest(SamplingFields):
                                    "of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     response_format: ResponseFormat | None = None
-    logprobs: bool | None = Field(None, description="Not supported: only false.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Each generated token's log-probability "
+                                  "(models with the logprobs capability).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="The likeliest tokens "
+                                     "at each step; needs logprobs: true.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only "
                                                "null or [].")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only null or "
@@ -151,9 +154,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedParameter("'logprobs' / 'top_logprobs' are not supported by this "
-                                       "server; send false / null.", param="logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
         if self.tools or self.tool_choice not in (None, "none"):
             raise UnsupportedParameter("Tool calling is not supported: 'tools' must be empty "
                                        "and 'tool_choice' null or 'none'.", param="tools")
@@ -161,7 +163,8 @@ class ChatCompletionRequest(SamplingFields):
     def to_requests(self) -> list[GenerationRequest]:
         """One request per choice (`n`)."""
         self.check_supported()
-        params = self.sampling(self.max_completion_tokens or self.max_tokens)
+        params = replace(self.sampling(self.max_completion_tokens or self.max_tokens),
+                         logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
             params = replace(params, json_mode=True)
@@ -183,7 +186,8 @@ class CompletionRequest(SamplingFields):
                                "middle models only.")
     echo: bool | None = Field(False, description="Return the prompt before the completion.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1.")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported: only null.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the "
+                                 "tokens and the this many likeliest alternatives.")
 
     @model_validator(mode="after")
     def _bounded_prompts(self) -> CompletionRequest:
@@ -202,11 +206,8 @@ class CompletionRequest(SamplingFields):
     def to_requests(self) -> list[GenerationRequest]:
         """n requests per prompt, in choice-index order."""
         self.check_supported()
-        if self.logprobs is not None:
-            raise UnsupportedParameter("'logprobs' is not supported by this server; send null.",
-                                       param="logprobs")
         params = replace(self.sampling(self.max_tokens), echo=bool(self.echo),
-                         suffix=self.suffix)
+                         suffix=self.suffix, logprobs=self.logprobs)
         return [one for prompt in self.prompts()
                 for one in self.per_choice(GenerationRequest(prompt=prompt, params=params))]
 
@@ -220,6 +221,17 @@ class EmbeddingRequest(StrictSchema):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Not supported: the model's size.")
     user: str | None = Field(None, max_length=256)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        ok = isinstance(value, str) or isinstance(value, list) and (
+            all(isinstance(i, str) for i in value) or all(_is_id(i) for i in value)
+            or all(isinstance(i, list) and all(_is_id(t) for t in i) for i in value))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "(integers) or a list of token-id lists")
+        return value
 
     @model_validator(mode="after")
     def _bounded_input(self) -> EmbeddingRequest:
@@ -242,3 +254,7 @@ class EmbeddingRequest(StrictSchema):
         if self.dimensions is not None:
             raise UnsupportedParameter("'dimensions' is not supported: vectors have the "
                                        "model's own size; omit it.", param="dimensions")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

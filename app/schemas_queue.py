@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
 from app.schemas_openai import MAX_MESSAGES, ChatMessage
 from backends.base import GenerationParams, GenerationRequest
 
 # Printable ASCII: job ids go into a response header and the log as they are.
-JOB_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
+JOB_ID = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 class QueueMeta(StrictSchema):
@@ -39,11 +40,19 @@ class QueueMeta(StrictSchema):
 
 
 class QueueJob(StrictSchema):
-    job_id: str = Field(pattern=JOB_ID_PATTERN, description="Echoed in X-Request-ID and logs.")
+    job_id: str = Field(description="1 to 200 printable ASCII characters, no spaces; echoed "
+                        "in X-Request-ID and the log.")
     priority: int | None = Field(None, ge=-1000, le=1000, description="Accepted; requests "
                                  "are served in arrival order.")
     source: str | None = Field(None, max_length=200, description="Logged.")
     meta: QueueMeta = Field(default_factory=QueueMeta)
+
+    @field_validator("job_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not JOB_ID.fullmatch(value):
+            raise ValueError("must be 1 to 200 printable ASCII characters without spaces")
+        return value
 
 
 class QueueChatRequest(QueueJob):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -17,10 +17,12 @@ from backends.base import (
     EMBED,
     GENERATE,
     JSON_OUTPUT,
+    LOGPROBS,
     TOKENIZE,
     Backend,
     Chunk,
     GenerationRequest,
+    TokenLogprob,
 )
 from backends.errors import CapabilityNotSupported, ContextLengthExceeded
 
@@ -41,6 +43,8 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
         _require(scheduler, CHAT, "chat messages (it has no chat template)")
     if request.params.json_mode or request.params.json_schema is not None:
         _require(scheduler, JSON_OUTPUT, "constrained JSON output (response_format)")
+    if request.params.logprobs is not None:
+        _require(scheduler, LOGPROBS, "logprobs")
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)
         request = replace(request, params=params)
@@ -56,20 +60,40 @@ async def start_clamped(scheduler: ModelScheduler,
         return await start_generation(scheduler, request), None
     except ContextLengthExceeded as exc:
         room = exc.context_length - exc.prompt_tokens
-        if request.params.max_tokens is None or room <= 0:
+        if room <= 0:  # the prompt alone fills the context
             raise
         clamped = replace(request, params=replace(request.params, max_tokens=room))
         return await start_generation(scheduler, clamped), room
 
 
+@dataclass
+class Completed:
+    """One finished generation: its text, final chunk and (if asked) token logprobs."""
+
+    text: str = ""
+    final: Chunk | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
 async def generate_choices(http: Request, scheduler: ModelScheduler,
-                           requests: list[GenerationRequest]) -> list[tuple[str, Chunk | None]]:
+                           requests: list[GenerationRequest]) -> list[Completed]:
     """Run each request to completion in turn (the `n` choices of one API request)."""
     results = []
     for request in requests:
         stream = await start_generation(scheduler, request)
-        results.append(await unless_disconnected(http, stream, collect(stream)))
+        results.append(await unless_disconnected(http, stream, _complete(stream)))
     return results
+
+
+async def _complete(stream: JobStream) -> Completed:
+    done, parts = Completed(), []
+    async for chunk in stream:
+        parts.append(chunk.text)
+        done.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            done.final = chunk
+    done.text = "".join(parts)
+    return done
 
 
 async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest]

@@ -60,9 +60,16 @@ async def generate_body(request: Request) -> GenerateRequest | QueueGenerateRequ
 
 
 GenerateBody = Annotated[GenerateRequest | QueueGenerateRequest, Depends(generate_body)]
+
+def _queue_body_schema() -> dict[str, Any]:
+    """QueueGenerateRequest inline (its QueueMeta is in the components via /chat_completion)."""
+    schema = QueueGenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
 _BODIES = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "oneOf": [{"$ref": "#/components/schemas/GenerateRequest"},
-              {"$ref": "#/components/schemas/QueueGenerateRequest"}]}}}}}
+    "oneOf": [{"$ref": "#/components/schemas/GenerateRequest"}, _queue_body_schema()]}}}}}
 
 
 @router.post("/generate", openapi_extra=_BODIES, response_model=str | QueueAnswer)
@@ -86,16 +93,17 @@ async def chat_completion(body: QueueChatRequest, request: Request, response: Re
 
 async def _run_job(job: QueueJob, generation: GenerationRequest, request: Request,
                    response: Response, pool: PoolDep) -> QueueAnswer:
+    request.state.request_id = response.headers["X-Request-ID"] = job.job_id
     scheduler = pool.get(job.meta.model)
-    response.headers["X-Request-ID"] = job.job_id
     log.info("job %s (source %r, priority %s) on model %s", job.job_id, job.source,
              job.priority, scheduler.name)
     stream, clamped = await service.start_clamped(scheduler, generation)
     if clamped is not None:
         log.warning("job %s: tokens_limit %s clamped to %s", job.job_id,
                     job.meta.tokens_limit, clamped)
-        response.headers["Warning"] = (f'299 llm-api "tokens_limit {job.meta.tokens_limit} is '
-                                       f'more than the context leaves; clamped to {clamped}"')
+        asked = job.meta.tokens_limit or "the default"
+        response.headers["Warning"] = (f'299 llm-api "tokens_limit {asked} is more than the '
+                                       f'context leaves; clamped to {clamped}"')
     text, _ = await service.unless_disconnected(request, stream, service.collect(stream))
     log.info("job %s done", job.job_id)
     return QueueAnswer(content=text)

@@ -19,8 +19,10 @@ from app.responses_openai import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
+    CompletionLogprobs,
     Embedding,
     EmbeddingList,
     EmbeddingUsage,
@@ -52,13 +54,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
         log.info("chat completion for user %r on %s", body.user, body.model)
     if body.stream:
         choices = await service.stream_choices(scheduler, requests)
-        return _sse(_chat_frames(choices, body.model, body.include_usage()), settings)
+        frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs))
+        return _sse(frames, settings)
     results = await service.generate_choices(request, scheduler, requests)
-    usage = Usage.of_results([f for _, f in results], len(results))
-    return ChatCompletion(model=body.model, usage=usage,
-                          choices=[ChatChoice(index=i, message=AssistantMessage(content=text),
-                                              finish_reason=_finish(final))
-                                   for i, (text, final) in enumerate(results)])
+    usage = Usage.of_results([r.final for r in results], len(results))
+    scored = bool(body.logprobs)
+    return ChatCompletion(model=body.model, usage=usage, choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                   finish_reason=_finish(r.final),
+                   logprobs=ChoiceLogprobs.of(r.logprobs, scored))
+        for i, r in enumerate(results)])
 
 
 @router.post("/completions", response_model=Completion)
@@ -69,13 +74,16 @@ async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
     requests = body.to_requests()
     if body.stream:
         choices = await service.stream_choices(scheduler, requests)
-        frames = _text_frames(choices, body.model, body.include_usage(), body.choices())
+        frames = _text_frames(choices, body.model, body.include_usage(), body.choices(),
+                              body.logprobs is not None)
         return _sse(frames, settings)
     results = await service.generate_choices(request, scheduler, requests)
-    usage = Usage.of_results([f for _, f in results], body.choices())
-    return Completion(model=body.model, usage=usage,
-                      choices=[TextChoice(index=i, text=text, finish_reason=_finish(final))
-                               for i, (text, final) in enumerate(results)])
+    usage = Usage.of_results([r.final for r in results], body.choices())
+    scored = body.logprobs is not None
+    return Completion(model=body.model, usage=usage, choices=[
+        TextChoice(index=i, text=r.text, finish_reason=_finish(r.final),
+                   logprobs=CompletionLogprobs.of(r.logprobs, scored, _echoed(body, i)))
+        for i, r in enumerate(results)])
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
@@ -117,6 +125,11 @@ def _card(request: Request, pool: ModelPool, name: str) -> ModelCard:
                      context_length=backend.context_length if backend else None)
 
 
+def _echoed(body: CompletionRequest, index: int) -> int:
+    """Characters of echoed prompt before choice `index`'s completion."""
+    return len(body.prompts()[index // body.choices()]) if body.echo else 0
+
+
 def _finish(final: Chunk | None) -> Any:
     return final.finish_reason if final is not None and final.finish_reason else "stop"
 
@@ -143,7 +156,8 @@ async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
         yield sse_error_data(as_domain_error(exc))
 
 
-def _chat_frames(choices: Choices, model: str, include_usage: bool) -> AsyncIterator[Frame]:
+def _chat_frames(choices: Choices, model: str, include_usage: bool,
+                 scored: bool) -> AsyncIterator[Frame]:
     cid, created = new_id("chatcmpl"), now()
     started: set[int] = set()
     exclude = None if include_usage else {"usage"}
@@ -157,12 +171,14 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool) -> AsyncIter
         if chunk.finish_reason is not None:
             return dump([ChunkChoice(index=index, delta={},
                                      finish_reason=_finish(chunk))])
+        logprobs = ChoiceLogprobs.of(list(chunk.logprobs), scored)
         if index not in started:  # the first delta of a choice carries the role
             started.add(index)
-            return dump([ChunkChoice(index=index, delta={"role": "assistant",
-                                                         "content": chunk.text})])
-        return dump([ChunkChoice(index=index, delta={"content": chunk.text})]) \
-            if chunk.text else None
+            return dump([ChunkChoice(index=index, logprobs=logprobs, delta={
+                "role": "assistant", "content": chunk.text})])
+        return dump([ChunkChoice(index=index, delta={"content": chunk.text},
+                                 logprobs=logprobs)]) \
+            if chunk.text or chunk.logprobs else None
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), len(finals)))
@@ -170,8 +186,8 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool) -> AsyncIter
     return _framed(choices, frame, usage if include_usage else None)
 
 
-def _text_frames(choices: Choices, model: str, include_usage: bool,
-                 n: int) -> AsyncIterator[Frame]:
+def _text_frames(choices: Choices, model: str, include_usage: bool, n: int,
+                 scored: bool) -> AsyncIterator[Frame]:
     cid, created = new_id("cmpl"), now()
     exclude = None if include_usage else {"usage"}
 
@@ -182,8 +198,9 @@ def _text_frames(choices: Choices, model: str, include_usage: bool,
     def frame(index: int, chunk: Chunk) -> Frame | None:
         if chunk.finish_reason is not None:
             return dump([TextChoice(index=index, text="", finish_reason=_finish(chunk))])
-        return dump([TextChoice(index=index, text=chunk.text, finish_reason=None)]) \
-            if chunk.text else None
+        logprobs = CompletionLogprobs.of(list(chunk.logprobs), scored)
+        return dump([TextChoice(index=index, text=chunk.text, finish_reason=None,
+                                logprobs=logprobs)]) if chunk.text or chunk.logprobs else None
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), n))

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.conftest import LiveServer, parse_sse
+from tests.api.conftest import capabilities
+from tests.conftest import LiveServer, assert_error, parse_sse
 
 USER = [{"role": "user", "content": "hello, who are you?"}]
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -193,9 +194,24 @@ PERSON = {
 }
 
 
+def without_capability(v1: LiveServer, model: str, capability: str) -> bool:
+    """True (after checking the clear 400) when `model` lacks an optional capability."""
+    if capability in capabilities(v1, model):
+        return False
+    request = {"model": model, "messages": USER, "max_tokens": 4,
+               **({"logprobs": True} if capability == "logprobs" else
+                  {"response_format": {"type": "json_object"}})}
+    assert_error(v1.client.post("/v1/chat/completions", json=request), 400,
+                 "unsupported_capability",
+                 ("logprobs" if capability == "logprobs" else "response_format",))
+    return True
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_json_schema_output_parses_and_validates(client: OpenAI, model: str,
+def test_json_schema_output_parses_and_validates(client: OpenAI, v1: LiveServer, model: str,
                                                  seed: int) -> None:
+    if without_capability(v1, model, "json_output"):
+        return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "a person as JSON"}],
         max_tokens=400, seed=seed, temperature=1.0,
@@ -206,7 +222,9 @@ def test_json_schema_output_parses_and_validates(client: OpenAI, model: str,
     jsonschema.validate(json.loads(choice.message.content or ""), PERSON)
 
 
-def test_json_object_output_parses(client: OpenAI, model: str) -> None:
+def test_json_object_output_parses(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "json_output"):
+        return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "JSON please"}], max_tokens=400,
         seed=0, temperature=1.0, response_format={"type": "json_object"})
@@ -229,3 +247,49 @@ def test_async_client(async_client: AsyncOpenAI, client: OpenAI, model: str) -> 
     assert whole == client.chat.completions.create(
         model=model, messages=USER, **GREEDY).choices[0].message.content
     assert len(vector) == 64
+
+
+def test_chat_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "logprobs"):
+        return
+    reply = client.chat.completions.create(model=model, messages=USER, logprobs=True,
+                                           top_logprobs=3, **GREEDY)
+    choice = reply.choices[0]
+    assert choice.logprobs and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert len(tokens) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for t in tokens:
+        assert t.logprob <= 0 and bytes(t.bytes or []).decode("utf-8", "replace") == t.token
+        assert len(t.top_logprobs) == 3
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-6
+        # greedy: the chosen token is the likeliest one
+        assert t.token == t.top_logprobs[0].token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+    streamed = list(client.chat.completions.create(model=model, messages=USER, logprobs=True,
+                                                   stream=True, **GREEDY))
+    scored = [t for c in streamed if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content or []]
+    assert [(t.token, t.logprob) for t in scored] == \
+        [(t.token, pytest.approx(t.logprob)) for t in tokens]
+    assert all(t.top_logprobs == [] for t in scored)
+    plain = client.chat.completions.create(model=model, messages=USER, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
+    if without_capability(v1, model, "logprobs"):
+        return
+    reply = client.completions.create(model=model, prompt="the quick brown fox", logprobs=2,
+                                      echo=True, **GREEDY)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs and logprobs.tokens and logprobs.token_logprobs and logprobs.text_offset
+    assert reply.choices[0].text == "the quick brown fox" + "".join(logprobs.tokens)
+    assert logprobs.text_offset[0] == len("the quick brown fox")
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp)
+               for top, lp in zip(logprobs.top_logprobs or [], logprobs.token_logprobs,
+                                  strict=True))
