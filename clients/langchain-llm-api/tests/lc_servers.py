@@ -33,7 +33,7 @@ def _llm_api_command() -> str | None:
     return str(beside) if beside.exists() else shutil.which("llm-api")
 
 
-def _server_has_auth() -> bool:
+def server_has_auth() -> bool:
     """Whether the installed server has API keys (then the fixture runs with auth on)."""
     try:
         from app.settings import Settings
@@ -83,7 +83,7 @@ class ServerProcess:
             "server": {"sse_ping_seconds": 0.05, "log_level": "warning"},
             "models": self.models,
         }
-        if _server_has_auth():
+        if server_has_auth():
             self.api_key = "llmapi-test-" + secrets.token_urlsafe(24)
             config["auth"] = {"enabled": True, "admin_key": self.api_key}
             config["data_dir"] = str(self.directory / "data")
