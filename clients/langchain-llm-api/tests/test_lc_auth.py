@@ -7,8 +7,6 @@ from typing import Any
 
 import httpx
 import pytest
-from lc_servers import ServerProcess, server_has_auth
-
 from langchain_llm_api import (
     LLMAPI,
     AuthenticationError,
@@ -17,6 +15,7 @@ from langchain_llm_api import (
     PermissionDeniedError,
     RateLimitError,
 )
+from lc_servers import ServerProcess, server_has_auth
 
 pytestmark = pytest.mark.skipif(not server_has_auth(), reason="this llm-api has no API keys")
 
