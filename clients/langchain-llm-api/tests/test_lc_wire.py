@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from langchain_llm_api import (
     LLMAPI,
@@ -152,3 +153,20 @@ def test_unreachable_server() -> None:
 ])
 def test_sse_parsing_follows_the_spec(lines: list[str], events: list[ServerSentEvent]) -> None:
     assert list(iter_events(lines)) == events
+
+
+async def test_async_calls_never_touch_the_sync_client(recording_endpoint: RecordingEndpoint,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The async methods run on httpx.AsyncClient, not on a worker thread calling the sync
+    client (LangChain's fallback for classes without native async)."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the sync httpx client was used by an async call")
+
+    monkeypatch.setattr(httpx.Client, "send", refuse)
+    url = recording_endpoint.url
+    assert await LLMAPI(base_url=url).ainvoke("x") == "ok"
+    recording_endpoint.reply(200, b"data: a\n\n: ping\n\ndata: b\n\n",
+                             content_type="text/event-stream")
+    assert [p async for p in LLMAPI(base_url=url).astream("x")] == ["a", "b"]
+    recording_endpoint.reply(200, [[0.5], [1.0]])
+    assert await LLMAPIEmbeddings(base_url=url).aembed_documents(["a", "b"]) == [[0.5], [1.0]]
