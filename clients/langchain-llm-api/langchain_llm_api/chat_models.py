@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from operator import itemgetter
 from typing import Any, Literal
@@ -216,8 +217,8 @@ def _first_model(answer: Any) -> str:
 def _json_schema_format(schema: dict[str, Any] | type,
                         strict: bool | None) -> dict[str, Any]:
     json_schema = convert_to_json_schema(schema)
-    name = json_schema.get("title") or "output"
-    spec: dict[str, Any] = {"name": str(name), "schema": json_schema}
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", str(json_schema.get("title") or "output"))[:64]
+    spec: dict[str, Any] = {"name": name, "schema": json_schema}
     if strict is not None:
         spec["strict"] = strict
     return {"type": "json_schema", "json_schema": spec}

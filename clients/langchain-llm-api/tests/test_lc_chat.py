@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_llm_api import BadRequestError, ChatLLMAPI, InternalServerError, NotFoundError
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -263,3 +264,21 @@ class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=CUT_JSON, strict=False)
     def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
         super().test_structured_output_pydantic_2_v1(model)
+
+
+def test_structured_output_request(recording_endpoint: RecordingEndpoint) -> None:
+    content = json.dumps({"name": "Rex", "legs": 4, "kind": "dog"})
+    recording_endpoint.reply(200, {
+        "id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}})
+    chat = ChatLLMAPI(base_url=recording_endpoint.url, model="m")
+    assert chat.with_structured_output(Pet, strict=True).invoke("x") == \
+        Pet(name="Rex", legs=4, kind="dog")
+    assert chat.with_structured_output(None, method="json_mode").invoke("x") == \
+        {"name": "Rex", "legs": 4, "kind": "dog"}
+    schema_format, json_mode = (r.body["response_format"] for r in recording_endpoint.requests)
+    assert schema_format == {"type": "json_schema", "json_schema": {
+        "name": "Pet", "schema": convert_to_json_schema(Pet), "strict": True}}
+    assert json_mode == {"type": "json_object"}
