@@ -64,6 +64,11 @@ def test_stream_equals_invoke_and_feeds_callbacks(chat: ChatLLMAPI) -> None:
     assert full.usage_metadata == invoked.usage_metadata
     assert "".join(recorder.tokens) == invoked.content
     assert len([t for t in recorder.tokens if t]) > 1
+    recorder = TokenRecorder()
+    streamed = chat.model_copy(update={"streaming": True}).invoke(
+        "hello", config={"callbacks": [recorder]})
+    assert streamed.content == invoked.content == "".join(recorder.tokens)
+    assert streamed.usage_metadata == invoked.usage_metadata
 
 
 async def test_astream_equals_ainvoke(chat: ChatLLMAPI) -> None:

@@ -150,12 +150,14 @@ def test_server_errors_become_exceptions(llm: LLMAPI, call: str) -> None:
     assert "temperature" in invalid.value.message
 
 
-def test_failure_inside_a_stream_raises(llm_api_server: ServerProcess) -> None:
+async def test_failure_inside_a_stream_raises(llm_api_server: ServerProcess) -> None:
     rev = LLMAPI(**llm_api_server.client_params(), model="rev")
     with pytest.raises(InternalServerError) as failed:
         list(rev.stream("fail"))
     assert failed.value.code == "backend_failure" and failed.value.status_code is None
     assert "secret" not in str(failed.value)
+    with pytest.raises(InternalServerError, match="server log"):
+        [piece async for piece in rev.astream("fail")]
     with pytest.raises(InternalServerError) as failed:
         rev.invoke("fail")
     assert failed.value.status_code == 500
