@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, native
+from app.api import health, native, openai
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.pool import ModelPool
@@ -41,10 +42,12 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app = FastAPI(title="llm-api", version=__version__, lifespan=lifespan,
                   description="Open LLMs behind a protected HTTP API.")
     app.state.settings = settings
+    app.state.started = int(time.time())
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
     app.include_router(health.router)
     app.include_router(native.router)
+    app.include_router(openai.router)
     return app
 
 
