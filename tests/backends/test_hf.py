@@ -373,3 +373,45 @@ def test_file_selection_prefers_safetensors_and_skips_code() -> None:
     old = ["config.json", "pytorch_model.bin", "tokenizer.json"]
     assert select_snapshot_files(old) == old
     assert select_snapshot_files(listing, tokenizer_only=True) == ["tokenizer.json"]
+
+
+# -- the OpenAI surface ------------------------------------------------------------------
+
+
+def test_openai_chat_goes_through_the_chat_template(server: LiveServer,
+                                                    backend: HFBackend) -> None:
+    messages = [{"role": "user", "content": "Hello! What is the answer?"}]
+    response = server.client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    prompt = backend.apply_chat_template(messages)
+    assert body["usage"]["prompt_tokens"] == len(backend.tokenize(prompt, add_special=False))
+    assert body["usage"]["completion_tokens"] == 12
+    assert body["choices"][0]["finish_reason"] == "length"
+    same = backend.generate(GenerationRequest(messages=tuple(messages), params=GenerationParams(
+        temperature=0, max_tokens=12)))  # the same checkpoint, in process
+    assert body["choices"][0]["message"]["content"] == "".join(c.text for c in same)
+    streamed = stream_events(server.client, {"model": "tiny", "messages": messages,
+                                             "max_tokens": 12, "temperature": 0,
+                                             "stream": True}, path="/v1/chat/completions")
+    assert streamed[-1][1] == "[DONE]" and len(streamed) > 3
+
+
+def test_openai_chat_without_a_template_is_a_clear_400(server: LiveServer) -> None:
+    response = server.client.post("/v1/chat/completions", json={
+        "model": "bare", "messages": [{"role": "user", "content": "hi"}]})
+    assert_error(response, 400, "unsupported_capability", ("chat template",))
+    completion = server.client.post("/v1/completions", json={
+        "model": "bare", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
+
+
+def test_openai_embeddings_and_unsupported_options(server: LiveServer) -> None:
+    response = server.client.post("/v1/embeddings", json={"model": "minilm",
+                                                          "input": ["a", "b"]})
+    assert response.status_code == 200, response.text
+    assert [len(d["embedding"]) for d in response.json()["data"]] == [384, 384]
+    assert_error(server.client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+        400, "unsupported_capability", ("logprobs",))
