@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from app import service
+from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, as_domain_error, sse_error
 from app.scheduler import JobStream
@@ -17,22 +18,23 @@ router = APIRouter(tags=["native"])
 
 
 @router.post("/generate")
-async def generate(body: GenerateRequest, request: Request, pool: PoolDep) -> str:
+async def generate(body: GenerateRequest, request: Request, pool: PoolDep,
+                   meter: MeterDep) -> str:
     """Complete `prompt` and return the completion as a JSON string."""
-    stream = await service.start_generation(pool.get(body.model), body.to_request())
+    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
     text, _ = await service.unless_disconnected(request, stream, service.collect(stream))
     return text
 
 
 @router.post("/agenerate", response_class=EventSourceResponse)
-async def agenerate(body: GenerateRequest, pool: PoolDep,
-                    settings: SettingsDep) -> EventSourceResponse:
+async def agenerate(body: GenerateRequest, pool: PoolDep, settings: SettingsDep,
+                    meter: MeterDep) -> EventSourceResponse:
     """Stream the completion as server-sent events: one `data:` event per piece of text.
 
     Keep-alives are SSE comments; the stream ends by closing; a failure after the stream
     began arrives as an `event: error` frame carrying the JSON error body.
     """
-    stream = await service.start_generation(pool.get(body.model), body.to_request())
+    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
     return EventSourceResponse(_pieces(stream), sep="\n",
                                ping=settings.server.sse_ping_seconds)
 
@@ -49,13 +51,13 @@ async def _pieces(stream: JobStream) -> AsyncIterator[dict[str, str]]:
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingsRequest, pool: PoolDep,
-                     settings: SettingsDep) -> list[float] | list[list[float]]:
+async def embeddings(body: EmbeddingsRequest, pool: PoolDep, settings: SettingsDep,
+                     meter: MeterDep) -> list[float] | list[list[float]]:
     """Embed one text (→ one vector) or a list of texts (→ one vector per text)."""
     texts = body.texts()
     limit = settings.server.max_embedding_inputs
     if len(texts) > limit:
         raise InvalidParams(f"'text' holds {len(texts)} texts; at most {limit} per request.",
                             param="text")
-    vectors = await service.embed(pool.get(body.model), texts)
+    vectors = await service.embed(pool.get(body.model), texts, meter)
     return vectors[0] if isinstance(body.text, str) else vectors
