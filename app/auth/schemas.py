@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.auth.keys import utc
 from app.schemas import StrictSchema
 
 Role = Literal["user", "admin"]
+
+
+def _day_or_moment(value: Any) -> Any:
+    """'2026-12-31' is a day (a whole day: see keys.utc); anything longer a datetime."""
+    if isinstance(value, str) and len(value.strip()) == 10:
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+When = Annotated[datetime | date | None, BeforeValidator(_day_or_moment)]
 
 
 class KeyLimits(StrictSchema):
@@ -20,8 +33,8 @@ class KeyLimits(StrictSchema):
     email: str | None = Field(None, max_length=320, description="Owner's email (free text).")
     organisation: str | None = Field(None, max_length=200, description="Owner's organisation.")
     role: Role = Field("user", description="user, or admin (manages keys, sees all usage).")
-    valid_from: datetime | date | None = Field(None, description="UTC; a date means its start.")
-    expires_at: datetime | date | None = Field(None, description="UTC; a date means its end.")
+    valid_from: When = Field(None, description="UTC; a date means its start.")
+    expires_at: When = Field(None, description="UTC; a date means its end.")
     max_requests: int | None = Field(None, ge=0, le=2**62, description="Lifetime requests; "
                                      "empty = unlimited.")
     max_tokens: int | None = Field(None, ge=0, le=2**62, description="Lifetime prompt + "
@@ -51,8 +64,8 @@ class KeyUpdate(StrictSchema):
     email: str | None = Field(None, max_length=320)
     organisation: str | None = Field(None, max_length=200)
     role: Role | None = None
-    valid_from: datetime | date | None = None
-    expires_at: datetime | date | None = None
+    valid_from: When = None
+    expires_at: When = None
     max_requests: int | None = Field(None, ge=0, le=2**62)
     max_tokens: int | None = Field(None, ge=0, le=2**62)
     rpm: int | None = Field(None, ge=1, le=2**62)
