@@ -24,7 +24,7 @@ router = APIRouter(tags=["usage"])
 admin = APIRouter(prefix="/admin", tags=["admin"])
 
 From = Annotated[date | None, Query(alias="from", description="First day (YYYY-MM-DD), UTC.")]
-To = Annotated[date | None, Query(description="Last day (YYYY-MM-DD), inclusive.")]
+To = Annotated[date | None, Query(alias="to", description="Last day (YYYY-MM-DD), inclusive.")]
 
 
 @router.get("/usage", response_model_by_alias=True)

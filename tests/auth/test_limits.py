@@ -136,3 +136,23 @@ def test_replicas_share_counters_through_redis(auth_server: Any, redis_url: str,
     statuses = [server.client.post("/generate", json=body, headers=bearer(secret)).status_code
                 for server in (first, second, first, second)]
     assert statuses == [200, 200, 200, 429]
+
+
+def test_max_parallel_over_http(auth_server: Any) -> None:
+    server = auth_server()
+    _, secret = create_key(server.client, max_parallel=1)
+    long = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 1500}}
+    with server.client.stream("POST", "/agenerate", json=long,
+                              headers=bearer(secret)) as response:
+        next(response.iter_lines())
+        second = server.client.post("/generate", json={"prompt": "x", "model": "rev"},
+                                    headers=bearer(secret))
+        assert_error(second, 429, "rate_limit_exceeded", ("max_parallel is 1",))
+        assert second.headers["retry-after"] == "1"
+
+    def slot_is_back() -> bool:
+        response = server.client.post("/generate", json={"prompt": "x", "model": "rev"},
+                                      headers=bearer(secret))
+        return response.status_code == 200
+
+    wait_for(slot_is_back, what="the parallel slot to come back after the disconnect")
