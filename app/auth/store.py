@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +40,28 @@ class Usage:
     prompt_words: int
     latency_ms: float
     created_at: datetime
+
+
+# The per-request statements are built once: building one costs more than running it.
+_KEYS = ApiKey.__table__
+_FIND = select(_KEYS).where(_KEYS.c.secret_hash == bindparam("digest"))
+_RESERVE = (
+    update(ApiKey)
+    .where(ApiKey.id == bindparam("key_id"), ApiKey.revoked_at.is_(None),
+           ApiKey.max_requests.is_(None) | (ApiKey.used_requests < ApiKey.max_requests),
+           ApiKey.max_tokens.is_(None) | (ApiKey.used_tokens + ApiKey.reserved_tokens
+                                          + bindparam("tokens") <= ApiKey.max_tokens))
+    .values(used_requests=ApiKey.used_requests + 1,
+            reserved_tokens=ApiKey.reserved_tokens + bindparam("tokens"),
+            last_used_at=bindparam("now"))
+    .execution_options(synchronize_session=False))
+_SETTLE = (
+    update(ApiKey).where(ApiKey.id == bindparam("key_id"))
+    .values(used_requests=ApiKey.used_requests - bindparam("refund"),
+            reserved_tokens=ApiKey.reserved_tokens - bindparam("reserved"),
+            used_tokens=ApiKey.used_tokens + bindparam("used"))
+    .execution_options(synchronize_session=False))
+_RECORD = insert(UsageRecord)
 
 
 def make_engine(url: str) -> Engine:
@@ -102,12 +124,11 @@ class KeyStore:
 
     def find(self, secret: str) -> KeyInfo | None:
         """The key with this secret, or None; the hash is compared in constant time."""
-        digest = keys.hash_secret(secret)
-        with self._session() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.secret_hash == digest))
-            if row is None or not keys.same_hash(row.secret_hash, secret):
-                return None
-            return KeyInfo.model_validate(row)
+        with self.engine.connect() as connection:
+            row = connection.execute(_FIND, {"digest": keys.hash_secret(secret)}).first()
+        if row is None or not keys.same_hash(row.secret_hash, secret):
+            return None
+        return KeyInfo.model_validate(row._mapping)
 
     def get(self, key_id: int) -> KeyInfo:
         with self._session() as session:
@@ -172,17 +193,10 @@ class KeyStore:
 
     def reserve(self, key_id: int, tokens: int) -> bool:
         """Count one request and reserve `tokens`, only if both quotas allow it (atomic)."""
-        statement = (
-            update(ApiKey)
-            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None),
-                   (ApiKey.max_requests.is_(None)) | (ApiKey.used_requests < ApiKey.max_requests),
-                   (ApiKey.max_tokens.is_(None))
-                   | (ApiKey.used_tokens + ApiKey.reserved_tokens + tokens <= ApiKey.max_tokens))
-            .values(used_requests=ApiKey.used_requests + 1,
-                    reserved_tokens=ApiKey.reserved_tokens + tokens, last_used_at=keys.now())
-            .execution_options(synchronize_session=False))
         with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+            result = connection.execute(_RESERVE, {"key_id": key_id, "tokens": tokens,
+                                                   "now": keys.now()})
+            return result.rowcount == 1
 
     def settle(self, key_id: int | None, reserved: int, used: int, refund: bool,
                usage: Usage | None) -> None:
@@ -190,12 +204,7 @@ class KeyStore:
         and record the request, in one transaction."""
         with self.engine.begin() as connection:
             if key_id is not None:
-                connection.execute(
-                    update(ApiKey).where(ApiKey.id == key_id)
-                    .values(used_requests=ApiKey.used_requests - int(refund),
-                            reserved_tokens=ApiKey.reserved_tokens - reserved,
-                            used_tokens=ApiKey.used_tokens + used)
-                    .execution_options(synchronize_session=False))
+                connection.execute(_SETTLE, {"key_id": key_id, "refund": int(refund),
+                                             "reserved": reserved, "used": used})
             if usage is not None:
-                connection.execute(insert(UsageRecord).values(
-                    **usage.__dict__, day=usage.created_at.date()))
+                connection.execute(_RECORD, {**usage.__dict__, "day": usage.created_at.date()})
