@@ -73,8 +73,8 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     await meter.admit(scheduler.name, prompt_words(request), count)
     try:
         stream = await scheduler.generate(request)
-    except BaseException as exc:
-        await meter.settle(status_of(exc))
+    except BaseException:
+        await meter.refund()
         raise
     meter.running = True
     return MeteredStream(stream, meter)
@@ -133,8 +133,8 @@ async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> li
         if meter.key is not None and not meter.needs_token_count:
             await count()
         vectors = await scheduler.embed(texts)
-    except BaseException as exc:
-        await meter.settle(status_of(exc))
+    except BaseException:
+        await meter.refund()
         raise
     meter.running, meter.completion_tokens = True, 0
     await meter.settle(200)

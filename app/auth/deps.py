@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
 
 from app.auth.keys import MAX_SECRET_CHARS, now
-from app.auth.meter import Accounts, Meter
+from app.auth.meter import Accounts, Meter, status_of
 from app.auth.schemas import KeyInfo
 from app.errors import AdminOnly, KeyNotValidNow, KeyRevoked, MissingKey, Unauthorized
 
@@ -88,11 +88,14 @@ AdminDep = Annotated[KeyInfo, Depends(require_admin)]
 
 
 async def metered(request: Request, key: KeyDep) -> AsyncIterator[Meter]:
-    """The request's meter. Its exit (after the response was sent) settles a meter the work
-    never settled, e.g. a stream the client left before it began."""
+    """The request's meter. A request that fails records its status here; a meter the work
+    never settled (a stream the client left before it began) is settled after the response."""
     meter = Meter(get_accounts(request), key, request.url.path)
     try:
         yield meter
+    except BaseException as exc:
+        await meter.settle(status_of(exc))
+        raise
     finally:
         await meter.settle(499)
 

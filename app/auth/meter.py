@@ -83,23 +83,31 @@ class Meter:
         """Check the model, the rate limits and the quotas; count and reserve on success.
 
         `count_tokens` gives prompt + max_tokens; it is awaited only when a limit needs it.
-        Raises (and records) the rejection; a rejected request consumes nothing.
+        A rejected request consumes nothing (the dependency records it as it leaves).
         """
-        try:
-            self.allow(model)
-            self.words = words
-            if self.key is None:
-                return
-            tokens = await count_tokens() if count_tokens and self.needs_token_count else 0
-            self._grant = await self.accounts.limiter.acquire(self.key, tokens)
-            if not await to_thread.run_sync(self.accounts.store.reserve, self.key.id, tokens):
-                await self.accounts.limiter.finish(self._grant, 0, rollback=True)
-                self._grant = Grant()
-                raise await self._quota_error(tokens)
-            self.reserved, self._admitted = tokens, True
-        except BaseException as exc:
-            await self.settle(status_of(exc))
-            raise
+        self.allow(model)
+        self.words = words
+        if self.key is None:
+            return
+        tokens = await count_tokens() if count_tokens and self.needs_token_count else 0
+        self._grant = await self.accounts.limiter.acquire(self.key, tokens)
+        if not await to_thread.run_sync(self.accounts.store.reserve, self.key.id, tokens):
+            await self.accounts.limiter.finish(self._grant, 0, rollback=True)
+            self._grant = Grant()
+            raise await self._quota_error(tokens)
+        self.reserved, self._admitted = tokens, True
+
+    async def refund(self) -> None:
+        """Give an admission back whole when the backend refused the work (e.g. a context
+        overflow): the request and its tokens count nothing. The meter may admit again."""
+        if not self._admitted or self.key is None:
+            return
+        self._admitted = False
+        with anyio.CancelScope(shield=True):
+            await to_thread.run_sync(self.accounts.store.settle, self.key.id, self.reserved, 0,
+                                     True, None)
+            await self.accounts.limiter.finish(self._grant, 0, rollback=True)
+        self.reserved, self._grant = 0, Grant()
 
     async def _quota_error(self, tokens: int) -> LLMAPIError:
         assert self.key is not None

@@ -141,10 +141,11 @@ def test_replicas_share_counters_through_redis(auth_server: Any, redis_url: str,
 def test_max_parallel_over_http(auth_server: Any) -> None:
     server = auth_server()
     _, secret = create_key(server.client, max_parallel=1)
-    long = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 1500}}
+    long = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 1500, "temperature": 0}}
     with server.client.stream("POST", "/agenerate", json=long,
                               headers=bearer(secret)) as response:
-        next(response.iter_lines())
+        lines = response.iter_lines()  # kept: a discarded iterator closes the response
+        next(lines)
         second = server.client.post("/generate", json={"prompt": "x", "model": "rev"},
                                     headers=bearer(secret))
         assert_error(second, 429, "rate_limit_exceeded", ("max_parallel is 1",))
