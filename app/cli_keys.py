@@ -51,7 +51,8 @@ def open_store(config: Path | None) -> Iterator[KeyStore]:
         raise typer.Exit(2) from None
     store = KeyStore(settings.store_url())
     try:
-        store.migrate()
+        with store.exclusive():
+            store.migrate()
         yield store
     except LLMAPIError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -71,8 +71,8 @@ class Meter:
                                          or self.key.tpm is not None)
 
     def allow(self, model: str) -> None:
-        """403 unless the key may use `model`."""
-        self.model = model
+        """403 unless the key may use `model`. Routes that use a model without generating
+        (e.g. tokenizing) call this alone; nothing is counted or recorded for them."""
         allowed = self.key.allowed_models if self.key is not None else []
         if allowed and model not in allowed:
             raise ModelNotAllowed(f"This API key may not use model '{model}'; it may use: "
@@ -85,6 +85,7 @@ class Meter:
         `count_tokens` gives prompt + max_tokens; it is awaited only when a limit needs it.
         A rejected request consumes nothing (the dependency records it as it leaves).
         """
+        self.model = model  # from here on, the request is recorded when it ends
         self.allow(model)
         self.words = words
         if self.key is None:

@@ -22,6 +22,11 @@ def open_accounts(settings: Settings) -> Accounts:
 
 def prepare_store(store: KeyStore, settings: Settings) -> None:
     """Apply migrations; with auth on, make sure an admin key exists (blocking)."""
+    with store.exclusive():
+        _prepare(store, settings)
+
+
+def _prepare(store: KeyStore, settings: Settings) -> None:
     store.migrate()
     log.info("key and usage store: %s", store.describe())
     if not settings.auth.enabled:

@@ -7,6 +7,8 @@ Quota checks are single SQL statements, so they are atomic on SQLite and Postgre
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +16,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +74,7 @@ _SETTLE = (
             used_tokens=ApiKey.used_tokens + bindparam("used"))
     .execution_options(synchronize_session=False))
 _RECORD = insert(UsageRecord)
+_STARTUP_LOCK = 0x11A_A11  # the advisory lock id of llm-api's startup
 
 
 def make_engine(url: str) -> Engine:
@@ -94,6 +107,22 @@ class KeyStore:
     def describe(self) -> str:
         """The URL without its password, for logs."""
         return make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Serialise replicas starting together on one Postgres store (migrations and the
+        admin-key bootstrap run once, not in a race)."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _STARTUP_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"),
+                                   {"id": _STARTUP_LOCK})
+                connection.commit()
 
     def migrate(self) -> None:
         """Apply the Alembic migrations shipped in app/migrations (idempotent)."""

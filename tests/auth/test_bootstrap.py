@@ -145,3 +145,25 @@ def test_keys_never_reach_the_log(auth_server: Any, caplog: pytest.LogCaptureFix
     assert "POST /generate" in caplog.text and "unexpected failure" in caplog.text
     for value in (secret, secret[:-1], rotated, ADMIN_KEY):
         assert value not in caplog.text
+
+
+def test_replicas_starting_together_on_postgres_migrate_once(
+        tmp_path: Path, postgres_url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.auth.conftest import _fresh_schema
+
+    config = {**models_config(), "auth": {"enabled": True},
+              "database_url": _fresh_schema(postgres_url)}
+    servers = [LiveServer(config, tmp_path / f"replica{i}") for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda server: server.start(), servers))
+    try:
+        admin_keys = SECRET.findall(capfd.readouterr().err)
+        assert len(admin_keys) == 1  # one bootstrap, not one per replica
+        for server in servers:
+            listed = server.client.get("/admin/keys", headers=bearer(admin_keys[0]))
+            assert [k["role"] for k in listed.json()] == ["admin"]
+    finally:
+        for server in servers:
+            server.stop()
