@@ -102,6 +102,12 @@ class KeyNotFound(LLMAPIError):
     pass
 
 
+class StoreUnavailable(LLMAPIError):
+    """The key/usage database or the Redis counters cannot be reached (503)."""
+
+    retry_after = 5
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -129,6 +135,7 @@ ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (QuotaExceeded, ErrorSpec(429, "rate_limit_error", "quota_exceeded")),
     (Overloaded, ErrorSpec(503, "overloaded_error", "queue_full")),
     (ModelNotReady, ErrorSpec(503, "overloaded_error", "model_not_ready")),
+    (StoreUnavailable, ErrorSpec(503, "server_error", "store_unavailable")),
     (ClientDisconnected, ErrorSpec(499, "invalid_request_error", "client_closed_request")),
     (RequestTimeout, ErrorSpec(504, "timeout_error", "request_timeout")),
     (ModelLoadError, ErrorSpec(500, "server_error", "model_load_failed")),

@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from app import __version__
 from app.api import admin, health, native
 from app.auth.deps import admin_only, authenticate, guarded
-from app.auth.setup import open_accounts, prepare_store
+from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.pool import ModelPool
@@ -49,6 +49,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
                   description="Open LLMs behind a protected HTTP API.")
     app.state.settings = settings
     install_error_handlers(app)
+    install_store_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
     # Every router but health's needs a key: include new routers with guarded() too.
     app.include_router(health.router)

@@ -19,7 +19,7 @@ from app.auth.schemas import KeyInfo
 from app.errors import RateLimited
 
 WINDOW_SECONDS = 60
-PARALLEL_TTL = 24 * 3600  # a crashed replica's in-flight counts expire eventually (Redis)
+PARALLEL_TTL = 3600  # (Redis) a crashed replica's in-flight counts expire after an idle hour
 
 
 @dataclass

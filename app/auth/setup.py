@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.auth.limits import make_limiter
 from app.auth.meter import Accounts
 from app.auth.schemas import KeyCreated, KeyLimits
 from app.auth.store import KeyStore
+from app.errors import StoreUnavailable, response_for
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def install_store_errors(app: FastAPI) -> None:
+    """A store or Redis that cannot be reached answers 503, not an engine failure."""
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.error("the key store or the rate-limit counters are unreachable: %s",
+                  type(exc).__name__)
+        return response_for(StoreUnavailable("The key and usage store is unavailable right "
+                                             "now; retry shortly."))
+
+    app.add_exception_handler(OperationalError, unavailable)
+    app.add_exception_handler(InterfaceError, unavailable)
+    with contextlib.suppress(ImportError):
+        from redis.exceptions import ConnectionError as RedisDown
+        from redis.exceptions import TimeoutError as RedisSlow
+
+        app.add_exception_handler(RedisDown, unavailable)
+        app.add_exception_handler(RedisSlow, unavailable)
 
 
 def open_accounts(settings: Settings) -> Accounts:

@@ -157,3 +157,15 @@ def test_max_parallel_over_http(auth_server: Any) -> None:
         return response.status_code == 200
 
     wait_for(slot_is_back, what="the parallel slot to come back after the disconnect")
+
+
+def test_unreachable_redis_is_a_503_not_a_crash(auth_server: Any) -> None:
+    server = auth_server(redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    _, secret = create_key(server.client, rpm=5)
+    response = server.client.post("/generate", json={"prompt": "abc", "model": "rev"},
+                                  headers=bearer(secret))
+    assert_error(response, 503, "store_unavailable", ("retry",))
+    assert response.headers["retry-after"] == "5"
+    _, unlimited = create_key(server.client)  # keys without limits never ask Redis
+    assert server.client.post("/generate", json={"prompt": "abc", "model": "rev"},
+                              headers=bearer(unlimited)).json() == "cba"
