@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from app.auth.meter import Meter, status_of
+from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
 from app.scheduler import JobStream, ModelScheduler
 from backends.base import CHAT, EMBED, GENERATE, TOKENIZE, Backend, Chunk, GenerationRequest
@@ -70,34 +70,34 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
         tokens: int = await scheduler.call(lambda backend: reservation(backend, final))
         return tokens
 
-    await meter.admit(scheduler.name, prompt_words(request), count)
+    ticket = await meter.admit(scheduler.name, prompt_words(request), count)
     try:
         stream = await scheduler.generate(request)
     except BaseException:
-        await meter.refund()
+        await ticket.refund()
         raise
-    meter.running = True
-    return MeteredStream(stream, meter)
+    ticket.running = True
+    return MeteredStream(stream, ticket)
 
 
 class MeteredStream(JobStream):
-    """A job's stream that reports its chunks to the meter and settles it at the end."""
+    """A job's stream that reports its chunks to its ticket and settles it at the end."""
 
-    def __init__(self, inner: JobStream, meter: Meter) -> None:  # noqa: D107
-        self._inner, self._meter, self.first = inner, meter, inner.first
+    def __init__(self, inner: JobStream, ticket: Ticket) -> None:  # noqa: D107
+        self._inner, self._ticket, self.first = inner, ticket, inner.first
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         status = 200
         try:
             async for chunk in self._inner:
                 if isinstance(chunk, Chunk):
-                    self._meter.observe(chunk)
+                    self._ticket.observe(chunk)
                 yield chunk
         except BaseException as exc:
             status = status_of(exc)
             raise
         finally:
-            await self._meter.settle(status)
+            await self._ticket.settle(status)
 
     def close(self) -> None:
         self._inner.close()
@@ -118,26 +118,28 @@ async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> li
     """Embed `texts`, metered: their tokens count as prompt tokens."""
     _require(scheduler, EMBED, "embeddings")
 
+    counted: list[int] = []
+
     async def count() -> int:
         def tokens(backend: Backend) -> int:
             if TOKENIZE not in backend.capabilities:
                 return 0
             return sum(len(backend.tokenize(text)) for text in texts)
 
-        total: int = await scheduler.call(tokens)
-        meter.prompt_tokens = total
-        return total
+        counted.append(await scheduler.call(tokens))
+        return counted[-1]
 
-    await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
+    ticket = await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
     try:
-        if meter.key is not None and not meter.needs_token_count:
+        if meter.key is not None and not counted:
             await count()
         vectors = await scheduler.embed(texts)
     except BaseException:
-        await meter.refund()
+        await ticket.refund()
         raise
-    meter.running, meter.completion_tokens = True, 0
-    await meter.settle(200)
+    ticket.running, ticket.completion_tokens = True, 0
+    ticket.prompt_tokens = counted[-1] if counted else 0
+    await ticket.settle(200)
     return vectors
 
 

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
 
 from app.auth.keys import MAX_SECRET_CHARS, now
-from app.auth.meter import Accounts, Meter, status_of
+from app.auth.meter import Accounts, Meter
 from app.auth.schemas import KeyInfo
 from app.errors import AdminOnly, KeyNotValidNow, KeyRevoked, MissingKey, Unauthorized
 
@@ -94,10 +94,9 @@ async def metered(request: Request, key: KeyDep) -> AsyncIterator[Meter]:
     try:
         yield meter
     except BaseException as exc:
-        await meter.settle(status_of(exc))
+        await meter.close(exc)
         raise
-    finally:
-        await meter.settle(499)
+    await meter.close(None)
 
 
 MeterDep = Annotated[Meter, Depends(metered)]

@@ -2,8 +2,9 @@
 
 A route gets its request's `Meter` from the router-level dependency (`app.auth.deps`) and
 hands it to the service function that does the work (`app.service.start_generation`,
-`app.service.embed`). Admission reserves prompt + max_tokens tokens; settlement turns the
-reservation into the real count when the request ends, however it ends.
+`app.service.embed`). Each generation or embedding call is one `Ticket`: admission reserves
+prompt + max_tokens tokens, settlement turns the reservation into the real count when the
+work ends, however it ends, and records it. (A request with `n` choices holds n tickets.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from backends.errors import LLMAPIError
 
 log = logging.getLogger(__name__)
 
+TokenCount = Callable[[], Awaitable[int]]
+
 
 @dataclass
 class Accounts:
@@ -46,29 +49,13 @@ def status_of(exc: BaseException) -> int:
 
 
 class Meter:
-    """One request's accounting. `settle` is idempotent and runs shielded from cancellation."""
+    """One HTTP request's accounting: the caller's key and the tickets of its work."""
 
     def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str) -> None:
         self.accounts = accounts
         self.key = key
         self.endpoint = endpoint
-        self.model: str | None = None
-        self.words = 0
-        self.reserved = 0
-        self.prompt_tokens = 0
-        self.completion_tokens: int | None = None
-        self.pieces = 0
-        self.running = False  # the backend accepted the work
-        self._grant = Grant()
-        self._admitted = False
-        self._settled = False
-        self._started = time.monotonic()
-
-    @property
-    def needs_token_count(self) -> bool:
-        """Whether admission must know the tokens up front (token quota or tpm)."""
-        return self.key is not None and (self.key.max_tokens is not None
-                                         or self.key.tpm is not None)
+        self.tickets: list[Ticket] = []
 
     def allow(self, model: str) -> None:
         """403 unless the key may use `model`. Routes that use a model without generating
@@ -78,41 +65,83 @@ class Meter:
             raise ModelNotAllowed(f"This API key may not use model '{model}'; it may use: "
                                   f"{', '.join(allowed)}.", param="model")
 
-    async def admit(self, model: str, words: int,
-                    count_tokens: Callable[[], Awaitable[int]] | None = None) -> None:
+    async def admit(self, model: str, words: int, count_tokens: TokenCount | None = None
+                    ) -> Ticket:
         """Check the model, the rate limits and the quotas; count and reserve on success.
 
         `count_tokens` gives prompt + max_tokens; it is awaited only when a limit needs it.
-        A rejected request consumes nothing (the dependency records it as it leaves).
+        A rejected ticket consumes nothing (`close` records it as the request leaves).
         """
-        self.model = model  # from here on, the request is recorded when it ends
+        ticket = Ticket(self, model, words)
+        self.tickets.append(ticket)
         self.allow(model)
+        await ticket.admit(count_tokens)
+        return ticket
+
+    @property
+    def needs_token_count(self) -> bool:
+        """Whether admission must know the tokens up front (token quota or tpm)."""
+        return self.key is not None and (self.key.max_tokens is not None
+                                         or self.key.tpm is not None)
+
+    async def close(self, error: BaseException | None) -> None:
+        """Settle what the work left open as the request leaves: the last ticket gets the
+        request's error status; a stream that never ran is a 499; a ticket that was refunded
+        and retried is dropped."""
+        if error is not None and self.tickets:
+            await self.tickets[-1].settle(status_of(error))
+        for ticket in self.tickets:
+            if not ticket.refunded:
+                await ticket.settle(499)
+
+
+class Ticket:
+    """One generation's or embedding's accounting; `settle` is idempotent and shielded."""
+
+    def __init__(self, meter: Meter, model: str, words: int) -> None:
+        self.meter = meter
+        self.model = model
         self.words = words
-        if self.key is None:
+        self.reserved = 0
+        self.prompt_tokens = 0
+        self.completion_tokens: int | None = None
+        self.pieces = 0
+        self.running = False  # the backend accepted the work
+        self.refunded = False
+        self._grant = Grant()
+        self._admitted = False
+        self._settled = False
+        self._started = time.monotonic()
+
+    async def admit(self, count_tokens: TokenCount | None) -> None:
+        key, accounts = self.meter.key, self.meter.accounts
+        if key is None:
             return
-        tokens = await count_tokens() if count_tokens and self.needs_token_count else 0
-        self._grant = await self.accounts.limiter.acquire(self.key, tokens)
-        if not await to_thread.run_sync(self.accounts.store.reserve, self.key.id, tokens):
-            await self.accounts.limiter.finish(self._grant, 0, rollback=True)
+        needed = count_tokens is not None and self.meter.needs_token_count
+        tokens = await count_tokens() if count_tokens is not None and needed else 0
+        self._grant = await accounts.limiter.acquire(key, tokens)
+        if not await to_thread.run_sync(accounts.store.reserve, key.id, tokens):
+            await accounts.limiter.finish(self._grant, 0, rollback=True)
             self._grant = Grant()
-            raise await self._quota_error(tokens)
+            raise await self._quota_error(key, tokens)
         self.reserved, self._admitted = tokens, True
 
     async def refund(self) -> None:
-        """Give an admission back whole when the backend refused the work (e.g. a context
-        overflow): the request and its tokens count nothing. The meter may admit again."""
-        if not self._admitted or self.key is None:
+        """Give the admission back whole when the backend refused the work (e.g. a context
+        overflow): the request and its tokens count nothing."""
+        self.refunded = True
+        key = self.meter.key
+        if not self._admitted or key is None:
             return
         self._admitted = False
         with anyio.CancelScope(shield=True):
-            await to_thread.run_sync(self.accounts.store.settle, self.key.id, self.reserved, 0,
-                                     True, None)
-            await self.accounts.limiter.finish(self._grant, 0, rollback=True)
+            await to_thread.run_sync(self.meter.accounts.store.settle, key.id, self.reserved,
+                                     0, True, None)
+            await self.meter.accounts.limiter.finish(self._grant, 0, rollback=True)
         self.reserved, self._grant = 0, Grant()
 
-    async def _quota_error(self, tokens: int) -> LLMAPIError:
-        assert self.key is not None
-        key = await to_thread.run_sync(self.accounts.store.get, self.key.id)
+    async def _quota_error(self, stale: KeyInfo, tokens: int) -> LLMAPIError:
+        key = await to_thread.run_sync(self.meter.accounts.store.get, stale.id)
         if key.revoked_at is not None:
             return KeyRevoked(f"This API key was revoked on {key.revoked_at:%Y-%m-%d %H:%M} "
                               "UTC.")
@@ -147,8 +176,8 @@ class Meter:
         return self.prompt_tokens + completion
 
     async def settle(self, status: int) -> None:
-        """Settle the reservation to the real count and record the request (once)."""
-        if self._settled or self.model is None:
+        """Settle the reservation to the real count and record the work (once)."""
+        if self._settled:
             return
         self._settled = True
         with anyio.CancelScope(shield=True):
@@ -158,15 +187,16 @@ class Meter:
                 log.exception("could not settle the usage of a request")
 
     async def _settle(self, status: int) -> None:
+        key, accounts = self.meter.key, self.meter.accounts
         used = self.used_tokens
+        prompt = self.prompt_tokens if self.running else 0
         usage = Usage(
-            key_id=self.key.id if self.key else None, model=self.model or "",
-            endpoint=self.endpoint, status=status, prompt_tokens=self.prompt_tokens
-            if self.running else 0, completion_tokens=used - self.prompt_tokens
-            if self.running else 0, prompt_words=self.words,
-            latency_ms=(time.monotonic() - self._started) * 1000, created_at=now())
-        key_id = self.key.id if self.key is not None and self._admitted else None
-        await to_thread.run_sync(self.accounts.store.settle, key_id, self.reserved, used,
+            key_id=key.id if key else None, model=self.model, endpoint=self.meter.endpoint,
+            status=status, prompt_tokens=prompt, completion_tokens=used - prompt,
+            prompt_words=self.words, latency_ms=(time.monotonic() - self._started) * 1000,
+            created_at=now())
+        key_id = key.id if key is not None and self._admitted else None
+        await to_thread.run_sync(accounts.store.settle, key_id, self.reserved, used,
                                  not self.running, usage)
         if self._admitted:
-            await self.accounts.limiter.finish(self._grant, used)
+            await accounts.limiter.finish(self._grant, used)

@@ -63,7 +63,7 @@ def test_keys_and_usage_end_to_end(tmp_path: Path, store_config: dict[str, Any])
         assert row(run(path, "keys", "show", key_id).stdout, "max_requests")[1] == "10"
 
         usage = run(path, "usage", "--key", key_id).stdout
-        assert row(usage, "total")[1:] == ["3", "1", "0", "2", "4"]
+        assert row(usage, "total")[1:] == ["3", "1", "0", "2", "5"]  # 403s are recorded too
         assert row(run(path, "usage", "--model", "rev").stdout, "total")[1] == "2"
 
         rotated = run(path, "keys", "rotate", key_id).stdout
