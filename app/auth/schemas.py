@@ -24,6 +24,7 @@ def _day_or_moment(value: Any) -> Any:
 
 
 When = Annotated[datetime | date | None, BeforeValidator(_day_or_moment)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class KeyLimits(StrictSchema):
@@ -42,7 +43,7 @@ class KeyLimits(StrictSchema):
     rpm: int | None = Field(None, ge=1, le=2**62, description="Requests per minute.")
     tpm: int | None = Field(None, ge=1, le=2**62, description="Tokens per minute.")
     max_parallel: int | None = Field(None, ge=1, le=100_000, description="Concurrent requests.")
-    allowed_models: list[str] = Field(default_factory=list, max_length=1000,
+    allowed_models: list[ModelName] = Field(default_factory=list, max_length=1000,
                                       description="Models this key may use; empty = all.")
 
     @model_validator(mode="after")
@@ -71,7 +72,7 @@ class KeyUpdate(StrictSchema):
     rpm: int | None = Field(None, ge=1, le=2**62)
     tpm: int | None = Field(None, ge=1, le=2**62)
     max_parallel: int | None = Field(None, ge=1, le=100_000)
-    allowed_models: list[str] | None = Field(None, max_length=1000)
+    allowed_models: list[ModelName] | None = Field(None, max_length=1000)
 
     def changes(self) -> dict[str, object]:
         data = {name: getattr(self, name) for name in self.model_fields_set}

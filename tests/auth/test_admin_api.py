@@ -70,6 +70,7 @@ def test_bad_admin_input(auth_server: Any) -> None:
         ({"name": "x", "valid_from": "2026-05-01", "expires_at": "2026-04-01"},
          ("after valid_from",)),
         ({"name": "x", "quota": 3}, ("quota", "allowed", "max_requests")),
+        ({"name": "x", "allowed_models": ["m" * 201]}, ("allowed_models",)),
     ]
     for body, mentions in cases:
         assert_error(client.post("/admin/keys", json=body, headers=ADMIN), 422,
