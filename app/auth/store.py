@@ -83,7 +83,8 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                           pool_size=10, max_overflow=50)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _: Any) -> None:
