@@ -170,3 +170,19 @@ def test_embeddings_count_their_tokens(auth_server: Any) -> None:
     totals = usage_of(server, key_id)["totals"]
     assert (totals["prompt_tokens"], totals["completion_tokens"], totals["words"]) == \
         (expected, 0, 6)
+
+
+def test_client_leaving_a_plain_generate_settles_it(auth_server: Any) -> None:
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=100_000)
+    body = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 1500,
+                                                           "temperature": 0}}
+    with httpx.Client(base_url=server.url, timeout=0.5) as impatient, \
+            pytest.raises(httpx.ReadTimeout):
+        impatient.post("/generate", json=body, headers=bearer(secret))
+    wait_for(lambda: key_info(server.client, key_id)["reserved_tokens"] == 0,
+             what="the reservation to be settled after the client left")
+    info = key_info(server.client, key_id)
+    assert 0 < info["used_tokens"] < prompt_tokens("hello") + 1500
+    [day] = usage_of(server, key_id)["days"]
+    assert (day["requests"], day["errors"]) == (1, 1)
