@@ -59,7 +59,7 @@ def reservation(backend: Backend, request: GenerationRequest) -> int:
 async def start_generation(scheduler: ModelScheduler, request: GenerationRequest,
                            meter: Meter) -> JobStream:
     """Admit the request on `meter`, queue the generation and return its stream once the
-    prompt was accepted. The stream settles the meter when it ends, however it ends."""
+    prompt was accepted. The stream settles its ticket when it ends, however it ends."""
     _require(scheduler, GENERATE, "text generation")
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)

@@ -7,7 +7,7 @@ a new route is authenticated by the way its router is included.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from anyio import to_thread
 from fastapi import Depends, Request
@@ -102,7 +102,7 @@ async def metered(request: Request, key: KeyDep) -> AsyncIterator[Meter]:
 MeterDep = Annotated[Meter, Depends(metered)]
 
 
-def guarded() -> list[Any]:
+def guarded() -> list[DependsParam]:
     """Router dependencies: a valid key, and the request's meter."""
     return [Depends(metered)]
 
