@@ -46,6 +46,10 @@ class ClientDisconnected(LLMAPIError):
     pass
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A known parameter with a value this server cannot honour (400)."""
+
+
 class InvalidParams(LLMAPIError):
     """A request field is out of range or unknown (422)."""
 
@@ -119,6 +123,7 @@ class ErrorSpec:
 ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (ContextLengthExceeded, ErrorSpec(400, "invalid_request_error", "context_length_exceeded")),
     (CapabilityNotSupported, ErrorSpec(400, "invalid_request_error", "unsupported_capability")),
+    (UnsupportedParameter, ErrorSpec(400, "invalid_request_error", "unsupported_parameter")),
     (InvalidRequest, ErrorSpec(400, "invalid_request_error", "invalid_request")),
     (InvalidParams, ErrorSpec(422, "invalid_request_error", "invalid_parameter")),
     (MissingKey, ErrorSpec(401, "authentication_error", "missing_api_key")),
@@ -171,6 +176,12 @@ def sse_error(exc: LLMAPIError) -> dict[str, str]:
     return {"event": "error", "data": json.dumps(body_for(exc))}
 
 
+def sse_error_data(exc: LLMAPIError) -> dict[str, str]:
+    """OpenAI's streaming style: a plain `data:` event with the error body (the SDK raises
+    APIError on it); the stream then ends without `[DONE]`."""
+    return {"data": json.dumps(body_for(exc))}
+
+
 def as_domain_error(exc: BaseException) -> LLMAPIError:
     """Domain errors pass through; anything else is logged and hidden behind a generic one."""
     if isinstance(exc, LLMAPIError):
@@ -193,10 +204,14 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LLMAPIError)
-    async def _domain(_: Request, exc: LLMAPIError) -> JSONResponse:
+    async def _domain(request: Request, exc: LLMAPIError) -> JSONResponse:
         if spec_for(exc).status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return response_for(exc)
+        response = response_for(exc)
+        request_id = getattr(request.state, "request_id", None)
+        if request_id is not None:  # a route named the request (e.g. a queue job_id)
+            response.headers["X-Request-ID"] = request_id
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

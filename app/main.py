@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI
 
 from app import __version__
-from app.api import admin, health, native
+from app.api import admin, health, native, openai
 from app.auth.deps import admin_only, authenticate, guarded
 from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.errors import install_error_handlers
@@ -48,12 +49,14 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app = FastAPI(title="llm-api", version=__version__, lifespan=lifespan,
                   description="Open LLMs behind a protected HTTP API.")
     app.state.settings = settings
+    app.state.started = int(time.time())
     install_error_handlers(app)
     install_store_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
     # Every router but health's needs a key: include new routers with guarded() too.
     app.include_router(health.router)
     app.include_router(native.router, dependencies=guarded())
+    app.include_router(openai.router, dependencies=guarded())
     app.include_router(admin.router, dependencies=[Depends(authenticate)])
     app.include_router(admin.admin, dependencies=admin_only())
     return app

@@ -21,10 +21,11 @@ class StrictSchema(BaseModel):
     @classmethod
     def _reject_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            allowed = [f.alias or name for name, f in cls.model_fields.items()]
+            unknown = sorted(str(k) for k in data if k not in allowed)
             if unknown:
                 raise ValueError(f"unknown parameter(s): {', '.join(unknown)}; allowed: "
-                                 f"{', '.join(cls.model_fields)}")
+                                 f"{', '.join(allowed)}")
         return data
 
 

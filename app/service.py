@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -18,8 +18,19 @@ from fastapi import Request
 from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
 from app.scheduler import JobStream, ModelScheduler
-from backends.base import CHAT, EMBED, GENERATE, TOKENIZE, Backend, Chunk, GenerationRequest
-from backends.errors import CapabilityNotSupported
+from backends.base import (
+    CHAT,
+    EMBED,
+    GENERATE,
+    JSON_OUTPUT,
+    LOGPROBS,
+    TOKENIZE,
+    Backend,
+    Chunk,
+    GenerationRequest,
+    TokenLogprob,
+)
+from backends.errors import CapabilityNotSupported, ContextLengthExceeded
 
 T = TypeVar("T")
 
@@ -61,6 +72,12 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     """Admit the request on `meter`, queue the generation and return its stream once the
     prompt was accepted. The stream settles its ticket when it ends, however it ends."""
     _require(scheduler, GENERATE, "text generation")
+    if request.messages is not None:
+        _require(scheduler, CHAT, "chat messages (it has no chat template)")
+    if request.params.json_mode or request.params.json_schema is not None:
+        _require(scheduler, JSON_OUTPUT, "constrained JSON output (response_format)")
+    if request.params.logprobs is not None:
+        _require(scheduler, LOGPROBS, "logprobs")
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)
         request = replace(request, params=params)
@@ -103,6 +120,70 @@ class MeteredStream(JobStream):
         self._inner.close()
 
 
+async def start_clamped(scheduler: ModelScheduler, request: GenerationRequest,
+                        meter: Meter) -> tuple[JobStream, int | None]:
+    """Like start_generation, but a max_tokens the context has no room for is lowered to
+    what it leaves instead of failing; returns the stream and the lowered max_tokens (or
+    None when the request fit)."""
+    try:
+        return await start_generation(scheduler, request, meter), None
+    except ContextLengthExceeded as exc:
+        room = exc.context_length - exc.prompt_tokens
+        if room <= 0:  # the prompt alone fills the context
+            raise
+        clamped = replace(request, params=replace(request.params, max_tokens=room))
+        return await start_generation(scheduler, clamped, meter), room
+
+
+@dataclass
+class Completed:
+    """One finished generation: its text, final chunk and (if asked) token logprobs."""
+
+    text: str = ""
+    final: Chunk | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def generate_choices(http: Request, scheduler: ModelScheduler,
+                           requests: list[GenerationRequest], meter: Meter) -> list[Completed]:
+    """Run each request to completion in turn (the `n` choices of one API request)."""
+    results = []
+    for request in requests:
+        stream = await start_generation(scheduler, request, meter)
+        results.append(await unless_disconnected(http, stream, _complete(stream)))
+    return results
+
+
+async def _complete(stream: JobStream) -> Completed:
+    done, parts = Completed(), []
+    async for chunk in stream:
+        parts.append(chunk.text)
+        done.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            done.final = chunk
+    done.text = "".join(parts)
+    return done
+
+
+async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest],
+                         meter: Meter) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) of each request in turn. The first one is started (and its
+    prompt accepted) before this returns, so early errors are plain errors."""
+    first = await start_generation(scheduler, requests[0], meter)
+
+    async def chunks() -> AsyncIterator[tuple[int, Chunk]]:
+        for index, request in enumerate(requests):
+            stream = first if index == 0 else await start_generation(scheduler, request,
+                                                                      meter)
+            try:
+                async for chunk in stream:
+                    yield index, chunk
+            finally:
+                stream.close()
+
+    return chunks()
+
+
 async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
     """The whole completion and its final chunk (finish reason, token counts)."""
     parts: list[str] = []
@@ -116,31 +197,73 @@ async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
 
 async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> list[list[float]]:
     """Embed `texts`, metered: their tokens count as prompt tokens."""
-    _require(scheduler, EMBED, "embeddings")
+    vectors, _ = await _embed_metered(scheduler, texts, meter, None)
+    return vectors
 
-    counted: list[int] = []
+
+async def embed_inputs(scheduler: ModelScheduler, inputs: list[str] | list[list[int]],
+                       meter: Meter) -> tuple[list[list[float]], int]:
+    """Embed texts or token-id lists (detokenized by the model); also the input tokens
+    (the ids given, or the texts' tokens; 0 for a family that does not tokenize)."""
+    _require(scheduler, EMBED, "embeddings")
+    ids = [i for i in inputs if isinstance(i, list)]
+    texts = [i for i in inputs if isinstance(i, str)]
+    known = None
+    if ids:
+        _require(scheduler, TOKENIZE, "token-id input")
+        texts = await scheduler.call(lambda b: [b.detokenize(one) for one in ids])
+        known = sum(len(one) for one in ids)
+    return await _embed_metered(scheduler, texts, meter, known)
+
+
+async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Meter,
+                         known: int | None) -> tuple[list[list[float]], int]:
+    """Admit, embed and settle one embedding call; the texts' tokens (or `known`)."""
+    _require(scheduler, EMBED, "embeddings")
+    counted = [] if known is None else [known]
 
     async def count() -> int:
-        def tokens(backend: Backend) -> int:
-            if TOKENIZE not in backend.capabilities:
-                return 0
-            return sum(len(backend.tokenize(text)) for text in texts)
-
-        counted.append(await scheduler.call(tokens))
-        return counted[-1]
+        if not counted:
+            counted.append(await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts)
+                                                if TOKENIZE in b.capabilities else 0))
+        return counted[0]
 
     ticket = await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
     try:
-        if meter.key is not None and not counted:
-            await count()
+        tokens = await count()
         vectors = await scheduler.embed(texts)
     except BaseException:
         await ticket.refund()
         raise
-    ticket.running, ticket.completion_tokens = True, 0
-    ticket.prompt_tokens = counted[-1] if counted else 0
+    ticket.running, ticket.prompt_tokens, ticket.completion_tokens = True, tokens, 0
     await ticket.settle(200)
-    return vectors
+    return vectors, tokens
+
+
+async def tokenize(scheduler: ModelScheduler, text: str | None,
+                   messages: list[dict[str, str]] | None, add_special: bool = True) -> list[int]:
+    """Token ids of a text, or of chat messages as the chat template renders them."""
+    _require(scheduler, TOKENIZE, "tokenization")
+    if messages is not None:
+        _require(scheduler, CHAT, "chat messages (it has no chat template)")
+
+    def run(backend: Backend) -> list[int]:
+        if messages is not None:  # the template writes the special tokens itself
+            return backend.tokenize(backend.apply_chat_template(messages), add_special=False)
+        return backend.tokenize(text or "", add_special=add_special)
+
+    ids: list[int] = await scheduler.call(run)
+    return ids
+
+
+async def detokenize(scheduler: ModelScheduler, ids: list[int]) -> str:
+    _require(scheduler, TOKENIZE, "detokenization")
+    text: str = await scheduler.call(lambda b: b.detokenize(ids))
+    return text
+
+
+def _capabilities(scheduler: ModelScheduler) -> frozenset[str]:
+    return scheduler.backend.capabilities if scheduler.backend is not None else frozenset()
 
 
 async def unless_disconnected(request: Request, stream: JobStream,

@@ -21,6 +21,10 @@ GENERATE = "generate"
 CHAT = "chat"
 EMBED = "embed"
 TOKENIZE = "tokenize"
+#: Output constrained to JSON (any object, or one matching a JSON schema).
+JSON_OUTPUT = "json_output"
+#: Per-token log-probabilities of the generated text (and the likeliest alternatives).
+LOGPROBS = "logprobs"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ class GenerationParams:
     seed: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # Constrained output (backends with the JSON_OUTPUT capability): any JSON value when
+    # `json_mode`, a value matching `json_schema` when set. Others reject the request.
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None
+    # None: no log-probabilities; k >= 0: each generated token's log-probability under the
+    # model (before sampling settings) and the k likeliest tokens at that step (LOGPROBS).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,15 @@ class GenerationRequest:
     prompt: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its bytes, log-probability and the likeliest alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,9 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # With params.logprobs: the tokens generated since the previous chunk (their text may
+    # arrive in a later chunk while a stop string is being matched).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class ModelParams(BaseModel):

@@ -18,12 +18,15 @@ from backends.base import (
     CHAT,
     EMBED,
     GENERATE,
+    JSON_OUTPUT,
+    LOGPROBS,
     TOKENIZE,
     Backend,
     Chunk,
     GenerationRequest,
     ModelParams,
     ModelSpec,
+    TokenLogprob,
 )
 from backends.errors import (
     CapabilityNotSupported,
@@ -31,6 +34,7 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from backends.grammar import json_grammar
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
@@ -78,7 +82,8 @@ class LlamaBackend(Backend):
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
         self._chat = self._formatter(template) if template else None
-        caps = {GENERATE, TOKENIZE} | ({EMBED} if params.embeddings else set())
+        caps = {GENERATE, TOKENIZE, JSON_OUTPUT, LOGPROBS} | (
+            {EMBED} if params.embeddings else set())
         self.capabilities = frozenset(caps | ({CHAT} if self._chat else set()))
 
     @classmethod
@@ -172,6 +177,7 @@ class LlamaBackend(Backend):
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         params = request.params
         tokens = self._prompt_tokens(request)
+        grammar = json_grammar(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -187,13 +193,14 @@ class LlamaBackend(Backend):
                 tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                 temp=params.temperature, repeat_penalty=params.repeat_penalty,
                 presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty):
+                frequency_penalty=params.frequency_penalty, grammar=grammar):
             if self._lib.llama_vocab_is_eog(self._vocab, token):
                 finish = "stop"
                 break
             count += 1
             piece, hit_stop = stops.push(text.push(self._piece(token)))
-            yield Chunk(text=piece)
+            scored = () if params.logprobs is None else (self._logprob(token, params.logprobs),)
+            yield Chunk(text=piece, logprobs=scored)
             if hit_stop:
                 finish = "stop"
                 break
@@ -204,6 +211,21 @@ class LlamaBackend(Backend):
             if tail := tail + stops.flush():
                 yield Chunk(text=tail)
         yield Chunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=count)
+
+    def _logprob(self, token: int, top: int) -> TokenLogprob:
+        """The sampled token's log-probability from the logits it was sampled from (the
+        last row llama.cpp computed; the next decode runs only after the caller resumes)."""
+        import numpy as np
+
+        n_vocab = self._llm.n_vocab()
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        peak = float(logits.max())
+        logprobs = logits - (peak + float(np.log(np.exp(logits - peak).sum())))
+        best = np.argpartition(-logprobs, top)[:top] if 0 < top < n_vocab else \
+            np.arange(n_vocab if top else 0)
+        best = best[np.argsort(-logprobs[best])]
+        return TokenLogprob(self._piece(token), float(logprobs[token]),
+                            tuple((self._piece(int(i)), float(logprobs[i])) for i in best))
 
     # -- embeddings ------------------------------------------------------------------------
 

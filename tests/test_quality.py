@@ -15,7 +15,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    done = run("ruff", "check", "app", "backends", "tests", "bench")
+    done = run("ruff", "check", "app", "backends", "tests", "bench", "clients")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

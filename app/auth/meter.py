@@ -57,13 +57,17 @@ class Meter:
         self.endpoint = endpoint
         self.tickets: list[Ticket] = []
 
+    def may_use(self, model: str) -> bool:
+        allowed = self.key.allowed_models if self.key is not None else []
+        return not allowed or model in allowed
+
     def allow(self, model: str) -> None:
         """403 unless the key may use `model`. Routes that use a model without generating
         (e.g. tokenizing) call this alone; nothing is counted or recorded for them."""
-        allowed = self.key.allowed_models if self.key is not None else []
-        if allowed and model not in allowed:
+        if not self.may_use(model):
+            assert self.key is not None
             raise ModelNotAllowed(f"This API key may not use model '{model}'; it may use: "
-                                  f"{', '.join(allowed)}.", param="model")
+                                  f"{', '.join(self.key.allowed_models)}.", param="model")
 
     async def admit(self, model: str, words: int, count_tokens: TokenCount | None = None
                     ) -> Ticket:

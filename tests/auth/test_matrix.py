@@ -17,6 +17,22 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/generate", {"prompt": "hello", "model": "tiny"}, "model"),
     ("POST", "/agenerate", {"prompt": "hello", "model": "tiny"}, "model"),
     ("POST", "/embeddings", {"text": "hello", "model": "tiny"}, "model"),
+    ("POST", "/generate", {"job_id": "j1", "meta": {"model": "tiny", "tokens_limit": 4},
+                           "content": "hello"}, "model"),
+    ("POST", "/chat_completion", {"job_id": "j2", "meta": {"model": "tiny", "tokens_limit": 4},
+                                  "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("POST", "/tokenize", {"model": "tiny", "text": "hello"}, "model"),
+    ("POST", "/detokenize", {"model": "tiny", "tokens": [1, 2]}, "model"),
+    ("POST", "/v1/chat/completions", {"model": "tiny", "max_tokens": 4,
+                                      "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("POST", "/v1/chat/completions", {"model": "tiny", "max_tokens": 4, "stream": True,
+                                      "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("POST", "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 4}, "model"),
+    ("POST", "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 4,
+                                 "stream": True}, "model"),
+    ("POST", "/v1/embeddings", {"model": "tiny", "input": "hello"}, "model"),
+    ("GET", "/v1/models/tiny", None, "model"),
+    ("GET", "/v1/models", None, "user"),
     ("GET", "/usage", None, "user"),
     ("GET", "/admin/keys", None, "admin"),
     ("POST", "/admin/keys", {"name": "made in the matrix"}, "admin"),
@@ -90,9 +106,12 @@ def test_route_and_caller(matrix: tuple[LiveServer, dict], caller: str, method: 
         assert_error(response, 404, "key_not_found", ("999",))  # authorised, no such key
         return
     assert response.status_code in (200, 201), response.text
-    if path == "/agenerate":
+    if path == "/agenerate" or (body or {}).get("stream"):
         assert response.headers["content-type"].startswith("text/event-stream")
-        assert "data:" in response.text
+        assert "data:" in response.text and "event: error" not in response.text
+    if path == "/v1/models":  # a key sees the models it may use
+        names = {m["id"] for m in response.json()["data"]}
+        assert names == ({"rev"} if caller == "wrong model" else {"tiny", "rev"})
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/check", "/docs", "/openapi.json"])
@@ -107,7 +126,7 @@ def test_every_route_but_the_open_ones_is_guarded(matrix: tuple[LiveServer, dict
     open_routes = {"/health", "/ready", "/check", "/docs", "/docs/oauth2-redirect", "/redoc",
                    "/openapi.json"}
     tested = {path.replace("/1", "/{key_id}").replace("/999", "/{key_id}")
-              for _, path, _, _ in ROUTES}
+              .replace("/models/tiny", "/models/{model}") for _, path, _, _ in ROUTES}
     paths = server.client.get("/openapi.json").json()["paths"]
     assert len(paths) >= len(tested)
     for path, operations in paths.items():
@@ -115,5 +134,6 @@ def test_every_route_but_the_open_ones_is_guarded(matrix: tuple[LiveServer, dict
             continue
         assert path in tested, f"{path} is not in the auth matrix"
         for method in operations:
-            response = server.client.request(method, path.replace("{key_id}", "1"))
+            response = server.client.request(
+                method, path.replace("{key_id}", "1").replace("{model}", "tiny"))
             assert_error(response, 401, "missing_api_key")

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/models. The official `openai` SDK and LangChain's OpenAI classes work against it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
+
+from app import service
+from app.auth.deps import MeterDep
+from app.deps import PoolDep, SettingsDep
+from app.errors import InvalidParams, as_domain_error, sse_error_data
+from app.pool import ModelPool
+from app.responses_openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionLogprobs,
+    Embedding,
+    EmbeddingList,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+    TextChoice,
+    Usage,
+    new_id,
+    now,
+)
+from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from backends.base import Chunk
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger(__name__)
+
+Frame = dict[str, str]
+Choices = AsyncIterator[tuple[int, Chunk]]
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request, pool: PoolDep,
+                           settings: SettingsDep,
+                           meter: MeterDep) -> ChatCompletion | EventSourceResponse:
+    """Chat completion; with `"stream": true`, `chat.completion.chunk` server-sent events
+    ending with `data: [DONE]`."""
+    scheduler = pool.get(body.model)
+    requests = body.to_requests()
+    if body.user:
+        log.info("chat completion for user %r on %s", body.user, body.model)
+    if body.stream:
+        choices = await service.stream_choices(scheduler, requests, meter)
+        frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs))
+        return _sse(frames, settings)
+    results = await service.generate_choices(request, scheduler, requests, meter)
+    usage = Usage.of_results([r.final for r in results], len(results))
+    scored = bool(body.logprobs)
+    return ChatCompletion(model=body.model, usage=usage, choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                   finish_reason=_finish(r.final),
+                   logprobs=ChoiceLogprobs.of(r.logprobs, scored))
+        for i, r in enumerate(results)])
+
+
+@router.post("/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
+                      settings: SettingsDep, meter: MeterDep) -> Completion | EventSourceResponse:
+    """Text completion of `prompt` (a text or a list: `n` choices each, in order)."""
+    scheduler = pool.get(body.model)
+    requests = body.to_requests()
+    if body.stream:
+        choices = await service.stream_choices(scheduler, requests, meter)
+        frames = _text_frames(choices, body.model, body.include_usage(), body.choices(),
+                              body.logprobs is not None)
+        return _sse(frames, settings)
+    results = await service.generate_choices(request, scheduler, requests, meter)
+    usage = Usage.of_results([r.final for r in results], body.choices())
+    scored = body.logprobs is not None
+    return Completion(model=body.model, usage=usage, choices=[
+        TextChoice(index=i, text=r.text, finish_reason=_finish(r.final),
+                   logprobs=CompletionLogprobs.of(r.logprobs, scored, _echoed(body, i)))
+        for i, r in enumerate(results)])
+
+
+@router.post("/embeddings", response_model=EmbeddingList)
+async def embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep,
+                     meter: MeterDep) -> EmbeddingList:
+    """Embed a text, a list of texts, token ids or a list of token-id lists."""
+    body.check_supported()
+    inputs = body.inputs()
+    limit = settings.server.max_embedding_inputs
+    if len(inputs) > limit:
+        raise InvalidParams(f"'input' holds {len(inputs)} items; at most {limit} per request "
+                            "(server.max_embedding_inputs).", param="input")
+    vectors, tokens = await service.embed_inputs(pool.get(body.model), inputs, meter)
+    return EmbeddingList(model=body.model,
+                         data=[Embedding.of(i, v, body.encoding_format)
+                               for i, v in enumerate(vectors)],
+                         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+@router.get("/models")
+async def list_models(request: Request, pool: PoolDep, meter: MeterDep) -> ModelList:
+    """Every configured model the key may use, with its capabilities and state."""
+    return ModelList(data=[_card(request, pool, name) for name in pool.schedulers
+                           if meter.may_use(name)])
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request, pool: PoolDep,
+                         meter: MeterDep) -> ModelCard:
+    """One model; 404 `model_not_found` for a name that is not served."""
+    pool.get(model)
+    meter.allow(model)
+    return _card(request, pool, model)
+
+
+def _card(request: Request, pool: ModelPool, name: str) -> ModelCard:
+    scheduler = pool.schedulers[name]
+    backend = scheduler.backend
+    return ModelCard(id=name, created=request.app.state.started, family=pool.entries[name].family,
+                     state=scheduler.state,
+                     capabilities=sorted(backend.capabilities) if backend else [],
+                     context_length=backend.context_length if backend else None)
+
+
+def _echoed(body: CompletionRequest, index: int) -> int:
+    """Characters of echoed prompt before choice `index`'s completion."""
+    return len(body.prompts()[index // body.choices()]) if body.echo else 0
+
+
+def _finish(final: Chunk | None) -> Any:
+    return final.finish_reason if final is not None and final.finish_reason else "stop"
+
+
+def _sse(frames: AsyncIterator[Frame], settings: Any) -> EventSourceResponse:
+    return EventSourceResponse(frames, sep="\n", ping=settings.server.sse_ping_seconds)
+
+
+async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
+                  usage: Callable[[list[Chunk]], Frame] | None) -> AsyncIterator[Frame]:
+    """Shared framing: a frame per chunk, the usage frame, `[DONE]`; an error frame (and no
+    `[DONE]`) when the generation fails after the stream began."""
+    finals: list[Chunk] = []
+    try:
+        async for index, chunk in choices:
+            if chunk.finish_reason is not None:
+                finals.append(chunk)
+            if (out := frame(index, chunk)) is not None:
+                yield out
+        if usage is not None:
+            yield usage(finals)
+        yield {"data": "[DONE]"}
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame
+        yield sse_error_data(as_domain_error(exc))
+
+
+def _chat_frames(choices: Choices, model: str, include_usage: bool,
+                 scored: bool) -> AsyncIterator[Frame]:
+    cid, created = new_id("chatcmpl"), now()
+    started: set[int] = set()
+    exclude = None if include_usage else {"usage"}
+
+    def dump(choice: list[ChunkChoice], usage: Usage | None = None) -> Frame:
+        chunk = ChatCompletionChunk(id=cid, created=created, model=model, choices=choice,
+                                    usage=usage)
+        return {"data": chunk.model_dump_json(exclude=exclude)}
+
+    def frame(index: int, chunk: Chunk) -> Frame | None:
+        if chunk.finish_reason is not None:
+            return dump([ChunkChoice(index=index, delta={},
+                                     finish_reason=_finish(chunk))])
+        logprobs = ChoiceLogprobs.of(list(chunk.logprobs), scored)
+        if index not in started:  # the first delta of a choice carries the role
+            started.add(index)
+            return dump([ChunkChoice(index=index, logprobs=logprobs, delta={
+                "role": "assistant", "content": chunk.text})])
+        return dump([ChunkChoice(index=index, delta={"content": chunk.text},
+                                 logprobs=logprobs)]) \
+            if chunk.text or chunk.logprobs else None
+
+    def usage(finals: list[Chunk]) -> Frame:
+        return dump([], Usage.of_results(list(finals), len(finals)))
+
+    return _framed(choices, frame, usage if include_usage else None)
+
+
+def _text_frames(choices: Choices, model: str, include_usage: bool, n: int,
+                 scored: bool) -> AsyncIterator[Frame]:
+    cid, created = new_id("cmpl"), now()
+    exclude = None if include_usage else {"usage"}
+
+    def dump(choice: list[TextChoice], usage: Usage | None = None) -> Frame:
+        chunk = Completion(id=cid, created=created, model=model, choices=choice, usage=usage)
+        return {"data": chunk.model_dump_json(exclude=exclude)}
+
+    def frame(index: int, chunk: Chunk) -> Frame | None:
+        if chunk.finish_reason is not None:
+            return dump([TextChoice(index=index, text="", finish_reason=_finish(chunk))])
+        logprobs = CompletionLogprobs.of(list(chunk.logprobs), scored)
+        return dump([TextChoice(index=index, text=chunk.text, finish_reason=None,
+                                logprobs=logprobs)]) if chunk.text or chunk.logprobs else None
+
+    def usage(finals: list[Chunk]) -> Frame:
+        return dump([], Usage.of_results(list(finals), n))
+
+    return _framed(choices, frame, usage if include_usage else None)

@@ -1,0 +1,260 @@
+"""Request schemas of the OpenAI-compatible API (/v1/*). Each turns itself into backend words.
+
+Fields the official `openai` SDK and LangChain send are accepted; a value the server cannot
+honour (tools, logit_bias, dimensions, ...) is a 400 `unsupported_parameter` that
+says what is supported, never silently ignored. Unknown fields are rejected with the list of
+the allowed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal, cast
+
+from pydantic import Field, field_validator, model_validator
+
+from app.errors import UnsupportedParameter
+from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
+from backends.base import GenerationParams, GenerationRequest
+from backends.errors import InvalidRequest
+
+MAX_CHOICES = 8  # most `n` per request; choices are generated one after the other
+MAX_MESSAGES = 1000
+MODEL_DOC = "Model name (GET /v1/models lists them)."
+
+
+class StreamOptions(StrictSchema):
+    include_usage: bool = Field(False, description="Send a last chunk with the usage.")
+
+
+class SamplingFields(StrictSchema):
+    """What chat and text completions share."""
+
+    model: str = Field(max_length=200, description=MODEL_DOC)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; "
+                                      "default 0.8.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Default 0.95.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings; generation "
+                                         "ends before the first one and it is not returned.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Same seed + same "
+                             "params → same text (taken modulo 2**32).")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices to generate "
+                          f"(1 to {MAX_CHOICES}; one after the other; seed, seed+1, ...).")
+    stream: bool | None = Field(False, description="Answer as server-sent events.")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="End-user id (logged only).")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only "
+                                                "null or {}.")
+    # llama.cpp sampling words, as other OpenAI-compatible servers accept them.
+    top_k: int | None = Field(None, ge=0, le=100_000, description="Extension; 0 = off.")
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension.")
+    repeat_penalty: float | None = Field(None, gt=0, le=10, description="Extension.")
+
+    @model_validator(mode="after")
+    def _bounded_stop(self) -> SamplingFields:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
+        if any(not s or len(s) > 500 for s in stops):
+            raise ValueError("each stop string must have 1 to 500 characters")
+        return self
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise UnsupportedParameter("'logit_bias' is not supported; send null or {}.",
+                                       param="logit_bias")
+
+    def choices(self) -> int:
+        return self.n or 1
+
+    def sampling(self, max_tokens: int | None) -> GenerationParams:
+        """The shared part of the internal parameters; unset fields keep their defaults."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p,
+                 "presence_penalty": self.presence_penalty,
+                 "frequency_penalty": self.frequency_penalty, "top_k": self.top_k,
+                 "min_p": self.min_p, "repeat_penalty": self.repeat_penalty}
+        seed = None if self.seed is None else self.seed % 2**32
+        return GenerationParams(max_tokens=max_tokens, stop=stop, seed=seed,
+                                **{k: v for k, v in given.items() if v is not None})
+
+    def per_choice(self, request: GenerationRequest) -> list[GenerationRequest]:
+        """One request per choice; with a seed, choice i uses seed + i."""
+        seed = request.params.seed
+        return [request if seed is None or i == 0 else
+                replace(request, params=replace(request.params, seed=(seed + i) % 2**32))
+                for i in range(self.choices())]
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(StrictSchema):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ChatMessage(StrictSchema):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` is treated as `system`.")
+    content: str | list[TextPart] = Field(description="A string or an array of text parts.")
+    name: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explain_roles(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("role") in {"tool", "function"}:
+            raise ValueError("tool and function messages are not supported (no tool calling); "
+                             "roles: system, developer, user, assistant")
+        return data
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else \
+            "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class JsonSchemaFormat(StrictSchema):
+    name: str = Field(max_length=64)
+    description: str | None = Field(None, max_length=10_000)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictSchema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Deprecated name "
+                                   "of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = Field(None, description="Each generated token's log-probability "
+                                  "(models with the logprobs capability).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="The likeliest tokens "
+                                     "at each step; needs logprobs: true.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only "
+                                               "null or [].")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only null or "
+                                                     "'none'.")
+    parallel_tool_calls: bool | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise UnsupportedParameter("Tool calling is not supported: 'tools' must be empty "
+                                       "and 'tool_choice' null or 'none'.", param="tools")
+
+    def to_requests(self) -> list[GenerationRequest]:
+        """One request per choice (`n`)."""
+        self.check_supported()
+        params = replace(self.sampling(self.max_completion_tokens or self.max_tokens),
+                         logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            params = replace(params, json_mode=True)
+        elif fmt is not None and fmt.json_schema is not None:
+            schema = fmt.json_schema.schema_ or {}
+            params = replace(params, json_mode=True, json_schema=schema)
+        messages = tuple(m.as_dict() for m in self.messages)
+        return self.per_choice(GenerationRequest(messages=messages, params=params))
+
+
+class CompletionRequest(SamplingFields):
+    """Body of POST /v1/completions."""
+
+    prompt: str | list[str] = Field(description="A text or a list of texts (each gets `n` "
+                                    "choices).")
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Default: the "
+                                   "model's default_max_tokens, else what the context leaves.")
+    suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="Fill-in-the-"
+                               "middle models only.")
+    echo: bool | None = Field(False, description="Return the prompt before the completion.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the "
+                                 "tokens and the this many likeliest alternatives.")
+
+    @model_validator(mode="after")
+    def _bounded_prompts(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts:
+            raise ValueError("prompt must not be an empty list")
+        if len(prompts) * self.choices() > 64:
+            raise ValueError("at most 64 choices per request (prompts × n)")
+        if sum(len(p) for p in prompts) > MAX_TEXT_CHARS:
+            raise ValueError(f"prompts hold more than {MAX_TEXT_CHARS} characters in total")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def to_requests(self) -> list[GenerationRequest]:
+        """n requests per prompt, in choice-index order."""
+        self.check_supported()
+        params = replace(self.sampling(self.max_tokens), echo=bool(self.echo),
+                         suffix=self.suffix, logprobs=self.logprobs)
+        return [one for prompt in self.prompts()
+                for one in self.per_choice(GenerationRequest(prompt=prompt, params=params))]
+
+
+class EmbeddingRequest(StrictSchema):
+    """Body of POST /v1/embeddings."""
+
+    model: str = Field(max_length=200, description=MODEL_DOC)
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, token ids, or a list of token-id lists.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Not supported: the model's size.")
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        ok = isinstance(value, str) or isinstance(value, list) and (
+            all(isinstance(i, str) for i in value) or all(_is_id(i) for i in value)
+            or all(isinstance(i, list) and all(_is_id(t) for t in i) for i in value))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "(integers) or a list of token-id lists")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded_input(self) -> EmbeddingRequest:
+        items = self.inputs()
+        if not items or any(len(i) == 0 for i in items):
+            raise ValueError("input must not be empty (nor hold an empty text or id list)")
+        if sum(len(i) for i in items) > MAX_TEXT_CHARS:
+            raise ValueError(f"input holds more than {MAX_TEXT_CHARS} characters or ids")
+        return self
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(i, int) for i in value):
+            return [cast(list[int], value)]
+        return cast(list[str] | list[list[int]], list(value))
+
+    def check_supported(self) -> None:
+        if self.dimensions is not None:
+            raise UnsupportedParameter("'dimensions' is not supported: vectors have the "
+                                       "model's own size; omit it.", param="dimensions")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
