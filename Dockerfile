@@ -46,7 +46,7 @@ COPY app /src/app
 COPY backends /src/backends
 COPY scripts /src/scripts
 COPY docker /src/docker
-RUN /src/docker/install-app /opt/venv llama --find-links /wheels \
+RUN /src/docker/install-app /opt/venv llama,postgres,redis --find-links /wheels \
  && rm -rf /wheels /src
 COPY --chown=llm-api config.yaml /llm-api/config.yaml
 USER 1000

@@ -1,4 +1,4 @@
-"""The `llm-api` command: serve, download, --version."""
+"""The `llm-api` command: serve, download, keys, usage, --version."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from typing import Annotated
 import typer
 
 from app import __version__
+from app.cli_keys import keys_cli, usage
 from app.settings import Settings, SettingsError, load_settings, model_entries
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Serve open LLMs behind a protected HTTP API.")
+
+cli.add_typer(keys_cli, name="keys")
+cli.command("usage")(usage)
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config; default: $LLM_API_CONFIG, else ./config.yaml.")]

@@ -59,6 +59,20 @@ class PayloadTooLarge(LLMAPIError):
 
 
 class Unauthorized(LLMAPIError):
+    """No valid API key (401)."""
+
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class MissingKey(Unauthorized):
+    pass
+
+
+class KeyNotValidNow(Unauthorized):
+    """Expired, or not valid yet."""
+
+
+class KeyRevoked(Unauthorized):
     pass
 
 
@@ -66,10 +80,36 @@ class Forbidden(LLMAPIError):
     pass
 
 
+class ModelNotAllowed(Forbidden):
+    pass
+
+
+class AdminOnly(Forbidden):
+    pass
+
+
 class QuotaExceeded(LLMAPIError):
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
+    """A key's lifetime quota is used up (429), with X-RateLimit-* headers."""
+
+    def __init__(self, message: str, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class RateLimited(QuotaExceeded):
+    """Over a key's rpm, tpm or max_parallel (429 with Retry-After)."""
+
+
+class KeyNotFound(LLMAPIError):
+    pass
+
+
+class StoreUnavailable(LLMAPIError):
+    """The key/usage database or the Redis counters cannot be reached (503)."""
+
+    retry_after = 5
 
 
 @dataclass(frozen=True)
@@ -86,13 +126,21 @@ ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (UnsupportedParameter, ErrorSpec(400, "invalid_request_error", "unsupported_parameter")),
     (InvalidRequest, ErrorSpec(400, "invalid_request_error", "invalid_request")),
     (InvalidParams, ErrorSpec(422, "invalid_request_error", "invalid_parameter")),
+    (MissingKey, ErrorSpec(401, "authentication_error", "missing_api_key")),
+    (KeyNotValidNow, ErrorSpec(401, "authentication_error", "api_key_not_valid_now")),
+    (KeyRevoked, ErrorSpec(401, "authentication_error", "api_key_revoked")),
     (Unauthorized, ErrorSpec(401, "authentication_error", "invalid_api_key")),
+    (ModelNotAllowed, ErrorSpec(403, "permission_error", "model_not_allowed")),
+    (AdminOnly, ErrorSpec(403, "permission_error", "admin_required")),
     (Forbidden, ErrorSpec(403, "permission_error", "forbidden")),
     (ModelNotFound, ErrorSpec(404, "invalid_request_error", "model_not_found")),
+    (KeyNotFound, ErrorSpec(404, "invalid_request_error", "key_not_found")),
     (PayloadTooLarge, ErrorSpec(413, "invalid_request_error", "payload_too_large")),
+    (RateLimited, ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded")),
     (QuotaExceeded, ErrorSpec(429, "rate_limit_error", "quota_exceeded")),
     (Overloaded, ErrorSpec(503, "overloaded_error", "queue_full")),
     (ModelNotReady, ErrorSpec(503, "overloaded_error", "model_not_ready")),
+    (StoreUnavailable, ErrorSpec(503, "server_error", "store_unavailable")),
     (ClientDisconnected, ErrorSpec(499, "invalid_request_error", "client_closed_request")),
     (RequestTimeout, ErrorSpec(504, "timeout_error", "request_timeout")),
     (ModelLoadError, ErrorSpec(500, "server_error", "model_load_failed")),
@@ -116,7 +164,7 @@ def body_for(exc: LLMAPIError) -> dict[str, Any]:
 
 
 def response_for(exc: LLMAPIError) -> JSONResponse:
-    headers = {}
+    headers: dict[str, str] = dict(getattr(exc, "headers", {}))
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -8,10 +8,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI
+from anyio import to_thread
+from fastapi import Depends, FastAPI
 
 from app import __version__
-from app.api import health, native, openai
+from app.api import admin, health, native, openai
+from app.auth.deps import admin_only, authenticate, guarded
+from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.pool import ModelPool
@@ -29,6 +32,8 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        accounts = app.state.accounts = open_accounts(settings)
+        await to_thread.run_sync(prepare_store, accounts.store, settings)
         pool = ModelPool(entries, settings.models_dir)
         app.state.pool = pool
         pool.start()
@@ -38,16 +43,22 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
         finally:
             watcher.cancel()
             await asyncio.to_thread(pool.stop)
+            await accounts.limiter.close()
+            accounts.store.close()
 
     app = FastAPI(title="llm-api", version=__version__, lifespan=lifespan,
                   description="Open LLMs behind a protected HTTP API.")
     app.state.settings = settings
     app.state.started = int(time.time())
     install_error_handlers(app)
+    install_store_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
+    # Every router but health's needs a key: include new routers with guarded() too.
     app.include_router(health.router)
-    app.include_router(native.router)
-    app.include_router(openai.router)
+    app.include_router(native.router, dependencies=guarded())
+    app.include_router(openai.router, dependencies=guarded())
+    app.include_router(admin.router, dependencies=[Depends(authenticate)])
+    app.include_router(admin.admin, dependencies=admin_only())
     return app
 
 

@@ -1,4 +1,9 @@
-"""What the routes call: generation and embeddings on a model's scheduler."""
+"""What the routes call: generation and embeddings on a model's scheduler, metered.
+
+Every generation and embedding goes through `start_generation` / `embed` with the request's
+`Meter` (the `MeterDep` dependency): that is where the key's model access, rate limits and
+quotas are checked, tokens reserved and settled, and the request recorded.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
+from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
 from app.scheduler import JobStream, ModelScheduler
 from backends.base import (
@@ -36,8 +42,35 @@ def _require(scheduler: ModelScheduler, capability: str, what: str) -> None:
                                      param="model")
 
 
-async def start_generation(scheduler: ModelScheduler, request: GenerationRequest) -> JobStream:
-    """Queue a generation and return its stream once the prompt was accepted."""
+def prompt_words(request: GenerationRequest) -> int:
+    if request.messages is not None:
+        return sum(len(str(m.get("content", "")).split()) for m in request.messages)
+    return len((request.prompt or "").split())
+
+
+def reservation(backend: Backend, request: GenerationRequest) -> int:
+    """Prompt tokens + the most completion tokens the request may produce (engine thread)."""
+    prompt = 0
+    if TOKENIZE in backend.capabilities:
+        if request.messages is not None:
+            if CHAT in backend.capabilities:
+                text = backend.apply_chat_template(request.messages)
+                prompt = len(backend.tokenize(text, add_special=False))
+        else:
+            prompt = len(backend.tokenize(request.prompt or ""))
+            if request.params.suffix is not None:
+                prompt += len(backend.tokenize(request.params.suffix, add_special=False)) + 3
+    room = backend.context_length
+    completion = request.params.max_tokens
+    if completion is None:
+        completion = max(0, room - prompt) if room is not None else 0
+    return prompt + completion
+
+
+async def start_generation(scheduler: ModelScheduler, request: GenerationRequest,
+                           meter: Meter) -> JobStream:
+    """Admit the request on `meter`, queue the generation and return its stream once the
+    prompt was accepted. The stream settles its ticket when it ends, however it ends."""
     _require(scheduler, GENERATE, "text generation")
     if request.messages is not None:
         _require(scheduler, CHAT, "chat messages (it has no chat template)")
@@ -48,22 +81,58 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)
         request = replace(request, params=params)
-    return await scheduler.generate(request)
+    final = request
+
+    async def count() -> int:
+        tokens: int = await scheduler.call(lambda backend: reservation(backend, final))
+        return tokens
+
+    ticket = await meter.admit(scheduler.name, prompt_words(request), count)
+    try:
+        stream = await scheduler.generate(request)
+    except BaseException:
+        await ticket.refund()
+        raise
+    ticket.running = True
+    return MeteredStream(stream, ticket)
 
 
-async def start_clamped(scheduler: ModelScheduler,
-                        request: GenerationRequest) -> tuple[JobStream, int | None]:
+class MeteredStream(JobStream):
+    """A job's stream that reports its chunks to its ticket and settles it at the end."""
+
+    def __init__(self, inner: JobStream, ticket: Ticket) -> None:  # noqa: D107
+        self._inner, self._ticket, self.first = inner, ticket, inner.first
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        status = 200
+        try:
+            async for chunk in self._inner:
+                if isinstance(chunk, Chunk):
+                    self._ticket.observe(chunk)
+                yield chunk
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            await self._ticket.settle(status)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def start_clamped(scheduler: ModelScheduler, request: GenerationRequest,
+                        meter: Meter) -> tuple[JobStream, int | None]:
     """Like start_generation, but a max_tokens the context has no room for is lowered to
     what it leaves instead of failing; returns the stream and the lowered max_tokens (or
     None when the request fit)."""
     try:
-        return await start_generation(scheduler, request), None
+        return await start_generation(scheduler, request, meter), None
     except ContextLengthExceeded as exc:
         room = exc.context_length - exc.prompt_tokens
         if room <= 0:  # the prompt alone fills the context
             raise
         clamped = replace(request, params=replace(request.params, max_tokens=room))
-        return await start_generation(scheduler, clamped), room
+        return await start_generation(scheduler, clamped, meter), room
 
 
 @dataclass
@@ -76,11 +145,11 @@ class Completed:
 
 
 async def generate_choices(http: Request, scheduler: ModelScheduler,
-                           requests: list[GenerationRequest]) -> list[Completed]:
+                           requests: list[GenerationRequest], meter: Meter) -> list[Completed]:
     """Run each request to completion in turn (the `n` choices of one API request)."""
     results = []
     for request in requests:
-        stream = await start_generation(scheduler, request)
+        stream = await start_generation(scheduler, request, meter)
         results.append(await unless_disconnected(http, stream, _complete(stream)))
     return results
 
@@ -96,15 +165,16 @@ async def _complete(stream: JobStream) -> Completed:
     return done
 
 
-async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest]
-                         ) -> AsyncIterator[tuple[int, Chunk]]:
+async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest],
+                         meter: Meter) -> AsyncIterator[tuple[int, Chunk]]:
     """(choice index, chunk) of each request in turn. The first one is started (and its
     prompt accepted) before this returns, so early errors are plain errors."""
-    first = await start_generation(scheduler, requests[0])
+    first = await start_generation(scheduler, requests[0], meter)
 
     async def chunks() -> AsyncIterator[tuple[int, Chunk]]:
         for index, request in enumerate(requests):
-            stream = first if index == 0 else await start_generation(scheduler, request)
+            stream = first if index == 0 else await start_generation(scheduler, request,
+                                                                      meter)
             try:
                 async for chunk in stream:
                     yield index, chunk
@@ -125,27 +195,49 @@ async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
     return "".join(parts), final
 
 
-async def embed(scheduler: ModelScheduler, texts: list[str]) -> list[list[float]]:
-    _require(scheduler, EMBED, "embeddings")
-    return await scheduler.embed(texts)
+async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> list[list[float]]:
+    """Embed `texts`, metered: their tokens count as prompt tokens."""
+    vectors, _ = await _embed_metered(scheduler, texts, meter, None)
+    return vectors
 
 
-async def embed_inputs(scheduler: ModelScheduler,
-                       inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+async def embed_inputs(scheduler: ModelScheduler, inputs: list[str] | list[list[int]],
+                       meter: Meter) -> tuple[list[list[float]], int]:
     """Embed texts or token-id lists (detokenized by the model); also the input tokens
     (the ids given, or the texts' tokens; 0 for a family that does not tokenize)."""
     _require(scheduler, EMBED, "embeddings")
     ids = [i for i in inputs if isinstance(i, list)]
     texts = [i for i in inputs if isinstance(i, str)]
+    known = None
     if ids:
         _require(scheduler, TOKENIZE, "token-id input")
         texts = await scheduler.call(lambda b: [b.detokenize(one) for one in ids])
-        tokens = sum(len(one) for one in ids)
-    elif TOKENIZE in _capabilities(scheduler):
-        tokens = await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts))
-    else:
-        tokens = 0
-    return await scheduler.embed(texts), tokens
+        known = sum(len(one) for one in ids)
+    return await _embed_metered(scheduler, texts, meter, known)
+
+
+async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Meter,
+                         known: int | None) -> tuple[list[list[float]], int]:
+    """Admit, embed and settle one embedding call; the texts' tokens (or `known`)."""
+    _require(scheduler, EMBED, "embeddings")
+    counted = [] if known is None else [known]
+
+    async def count() -> int:
+        if not counted:
+            counted.append(await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts)
+                                                if TOKENIZE in b.capabilities else 0))
+        return counted[0]
+
+    ticket = await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
+    try:
+        tokens = await count()
+        vectors = await scheduler.embed(texts)
+    except BaseException:
+        await ticket.refund()
+        raise
+    ticket.running, ticket.prompt_tokens, ticket.completion_tokens = True, tokens, 0
+    await ticket.settle(200)
+    return vectors, tokens
 
 
 async def tokenize(scheduler: ModelScheduler, text: str | None,

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -98,6 +105,36 @@ class ServerSettings(BaseModel):
                                              "open requests may finish before they are cut.")
 
 
+class AuthSettings(BaseModel):
+    """API keys: who may call the server, and how much."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Require an API key on every route except "
+                          "/health, /ready and /check; false serves everyone (with a warning).")
+    admin_key: SecretStr | None = Field(None, min_length=16, description="An admin key to "
+                                        "accept (its hash is stored); without it and without "
+                                        "keys, the first start creates one and prints it once.")
+    admin_key_file: Path | None = Field(None, description="A file holding the admin key "
+                                        "(e.g. a mounted secret), instead of admin_key.")
+
+    def configured_admin_key(self) -> str | None:
+        """The admin key from admin_key or admin_key_file, if one is configured."""
+        if self.admin_key is not None:
+            return self.admin_key.get_secret_value()
+        if self.admin_key_file is not None:
+            try:
+                key = self.admin_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"auth.admin_key_file '{self.admin_key_file}' cannot be "
+                                    f"read: {exc.strerror}") from None
+            if len(key) < 16:
+                raise SettingsError(f"auth.admin_key_file '{self.admin_key_file}' must hold "
+                                    "a key of at least 16 characters")
+            return key
+        return None
+
+
 class Settings(BaseSettings):
     """Everything the server reads from config.yaml and the environment."""
 
@@ -109,6 +146,15 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("models"), description="Where downloaded weights are kept "
                              "(a mounted volume in containers).")
     server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    data_dir: Path = Field(Path("data"), description="Where the server keeps its state: the "
+                           "SQLite key and usage store unless database_url is set.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the key and usage "
+                                     "store, e.g. postgresql+psycopg://user@host/db; default: "
+                                     "sqlite:///<data_dir>/llm-api.db.")
+    redis_url: str | None = Field(None, description="redis://host:6379/0 to share rate-limit "
+                                  "and parallel-request counters between replicas; default: "
+                                  "in process.")
     models: dict[str, ModelConfig] = Field(default_factory=dict,
                                            description="Served models by name.")
     # The classic single-model form; folded into `models` under a derived name.
@@ -140,6 +186,10 @@ class Settings(BaseSettings):
             model_family=self.model_family or "llama", setup_params=self.setup_params,
             model_params=self.model_params or {})}
         return self
+
+    def store_url(self) -> str:
+        """The key and usage store's SQLAlchemy URL."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'llm-api.db'}"
 
     def is_classic(self) -> bool:
         return self.setup_params is not None

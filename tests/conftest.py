@@ -29,11 +29,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "")
         time.sleep(0.02)
 
 
+def without_auth(config: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Tests that do not configure `auth` run without keys, each with its own data_dir."""
+    return {"auth": {"enabled": False}, "data_dir": str(directory / "data"), **config}
+
+
 class LiveServer:
     """create_app(load_settings(config)) behind uvicorn, in a thread of the test process."""
 
     def __init__(self, config: dict[str, Any], directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        config = without_auth(config, directory)
         self.config_path = directory / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.app = create_app(load_settings(self.config_path))

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
 from app import service
+from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, as_domain_error, sse_error
 from app.scheduler import JobStream
@@ -74,30 +75,30 @@ _BODIES = {"requestBody": {"required": True, "content": {"application/json": {"s
 
 @router.post("/generate", openapi_extra=_BODIES, response_model=str | QueueAnswer)
 async def generate(body: GenerateBody, request: Request, response: Response,
-                   pool: PoolDep) -> Any:
+                   pool: PoolDep, meter: MeterDep) -> Any:
     """Complete `prompt` and return the completion as a JSON string; the queue-style body
     `{job_id, meta, content}` gets `{"content": ...}`."""
     if isinstance(body, QueueGenerateRequest):
-        return await _run_job(body, body.to_request(), request, response, pool)
-    stream = await service.start_generation(pool.get(body.model), body.to_request())
+        return await _run_job(body, body.to_request(), request, response, pool, meter)
+    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
     text, _ = await service.unless_disconnected(request, stream, service.collect(stream))
     return text
 
 
 @router.post("/chat_completion")
 async def chat_completion(body: QueueChatRequest, request: Request, response: Response,
-                          pool: PoolDep) -> QueueAnswer:
+                          pool: PoolDep, meter: MeterDep) -> QueueAnswer:
     """Queue-style chat: `{job_id, meta, messages}` → `{"content": ...}`."""
-    return await _run_job(body, body.to_request(), request, response, pool)
+    return await _run_job(body, body.to_request(), request, response, pool, meter)
 
 
 async def _run_job(job: QueueJob, generation: GenerationRequest, request: Request,
-                   response: Response, pool: PoolDep) -> QueueAnswer:
+                   response: Response, pool: PoolDep, meter: MeterDep) -> QueueAnswer:
     request.state.request_id = response.headers["X-Request-ID"] = job.job_id
     scheduler = pool.get(job.meta.model)
     log.info("job %s (source %r, priority %s) on model %s", job.job_id, job.source,
              job.priority, scheduler.name)
-    stream, clamped = await service.start_clamped(scheduler, generation)
+    stream, clamped = await service.start_clamped(scheduler, generation, meter)
     if clamped is not None:
         log.warning("job %s: tokens_limit %s clamped to %s", job.job_id,
                     job.meta.tokens_limit, clamped)
@@ -110,14 +111,14 @@ async def _run_job(job: QueueJob, generation: GenerationRequest, request: Reques
 
 
 @router.post("/agenerate", response_class=EventSourceResponse)
-async def agenerate(body: GenerateRequest, pool: PoolDep,
-                    settings: SettingsDep) -> EventSourceResponse:
+async def agenerate(body: GenerateRequest, pool: PoolDep, settings: SettingsDep,
+                    meter: MeterDep) -> EventSourceResponse:
     """Stream the completion as server-sent events: one `data:` event per piece of text.
 
     Keep-alives are SSE comments; the stream ends by closing; a failure after the stream
     began arrives as an `event: error` frame carrying the JSON error body.
     """
-    stream = await service.start_generation(pool.get(body.model), body.to_request())
+    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
     return EventSourceResponse(_pieces(stream), sep="\n",
                                ping=settings.server.sse_ping_seconds)
 
@@ -134,29 +135,32 @@ async def _pieces(stream: JobStream) -> AsyncIterator[dict[str, str]]:
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingsRequest, pool: PoolDep,
-                     settings: SettingsDep) -> list[float] | list[list[float]]:
+async def embeddings(body: EmbeddingsRequest, pool: PoolDep, settings: SettingsDep,
+                     meter: MeterDep) -> list[float] | list[list[float]]:
     """Embed one text (→ one vector) or a list of texts (→ one vector per text)."""
     texts = body.texts()
     limit = settings.server.max_embedding_inputs
     if len(texts) > limit:
         raise InvalidParams(f"'text' holds {len(texts)} texts; at most {limit} per request.",
                             param="text")
-    vectors = await service.embed(pool.get(body.model), texts)
+    vectors = await service.embed(pool.get(body.model), texts, meter)
     return vectors[0] if isinstance(body.text, str) else vectors
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, pool: PoolDep) -> TokenizeAnswer:
+async def tokenize(body: TokenizeRequest, pool: PoolDep, meter: MeterDep) -> TokenizeAnswer:
     """Token ids of `text`, or of `messages` as the model's chat template renders them."""
     scheduler = pool.get(body.model)
+    meter.allow(scheduler.name)
     ids = await service.tokenize(scheduler, body.text, body.message_dicts(), body.add_special)
     return TokenizeAnswer(tokens=ids, count=len(ids), model=scheduler.name)
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, pool: PoolDep) -> DetokenizeAnswer:
+async def detokenize(body: DetokenizeRequest, pool: PoolDep,
+                     meter: MeterDep) -> DetokenizeAnswer:
     """The text of token ids."""
     scheduler = pool.get(body.model)
+    meter.allow(scheduler.name)
     return DetokenizeAnswer(text=await service.detokenize(scheduler, body.tokens),
                             model=scheduler.name)

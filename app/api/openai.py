@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from app import service
+from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, as_domain_error, sse_error_data
 from app.pool import ModelPool
@@ -45,7 +46,8 @@ Choices = AsyncIterator[tuple[int, Chunk]]
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, pool: PoolDep,
-                           settings: SettingsDep) -> ChatCompletion | EventSourceResponse:
+                           settings: SettingsDep,
+                           meter: MeterDep) -> ChatCompletion | EventSourceResponse:
     """Chat completion; with `"stream": true`, `chat.completion.chunk` server-sent events
     ending with `data: [DONE]`."""
     scheduler = pool.get(body.model)
@@ -53,10 +55,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
     if body.user:
         log.info("chat completion for user %r on %s", body.user, body.model)
     if body.stream:
-        choices = await service.stream_choices(scheduler, requests)
+        choices = await service.stream_choices(scheduler, requests, meter)
         frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs))
         return _sse(frames, settings)
-    results = await service.generate_choices(request, scheduler, requests)
+    results = await service.generate_choices(request, scheduler, requests, meter)
     usage = Usage.of_results([r.final for r in results], len(results))
     scored = bool(body.logprobs)
     return ChatCompletion(model=body.model, usage=usage, choices=[
@@ -68,16 +70,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
-                      settings: SettingsDep) -> Completion | EventSourceResponse:
+                      settings: SettingsDep, meter: MeterDep) -> Completion | EventSourceResponse:
     """Text completion of `prompt` (a text or a list: `n` choices each, in order)."""
     scheduler = pool.get(body.model)
     requests = body.to_requests()
     if body.stream:
-        choices = await service.stream_choices(scheduler, requests)
+        choices = await service.stream_choices(scheduler, requests, meter)
         frames = _text_frames(choices, body.model, body.include_usage(), body.choices(),
                               body.logprobs is not None)
         return _sse(frames, settings)
-    results = await service.generate_choices(request, scheduler, requests)
+    results = await service.generate_choices(request, scheduler, requests, meter)
     usage = Usage.of_results([r.final for r in results], body.choices())
     scored = body.logprobs is not None
     return Completion(model=body.model, usage=usage, choices=[
@@ -87,8 +89,8 @@ async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
-async def embeddings(body: EmbeddingRequest, pool: PoolDep,
-                     settings: SettingsDep) -> EmbeddingList:
+async def embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep,
+                     meter: MeterDep) -> EmbeddingList:
     """Embed a text, a list of texts, token ids or a list of token-id lists."""
     body.check_supported()
     inputs = body.inputs()
@@ -96,7 +98,7 @@ async def embeddings(body: EmbeddingRequest, pool: PoolDep,
     if len(inputs) > limit:
         raise InvalidParams(f"'input' holds {len(inputs)} items; at most {limit} per request "
                             "(server.max_embedding_inputs).", param="input")
-    vectors, tokens = await service.embed_inputs(pool.get(body.model), inputs)
+    vectors, tokens = await service.embed_inputs(pool.get(body.model), inputs, meter)
     return EmbeddingList(model=body.model,
                          data=[Embedding.of(i, v, body.encoding_format)
                                for i, v in enumerate(vectors)],
@@ -104,15 +106,18 @@ async def embeddings(body: EmbeddingRequest, pool: PoolDep,
 
 
 @router.get("/models")
-async def list_models(request: Request, pool: PoolDep) -> ModelList:
-    """Every configured model, with its capabilities and state."""
-    return ModelList(data=[_card(request, pool, name) for name in pool.schedulers])
+async def list_models(request: Request, pool: PoolDep, meter: MeterDep) -> ModelList:
+    """Every configured model the key may use, with its capabilities and state."""
+    return ModelList(data=[_card(request, pool, name) for name in pool.schedulers
+                           if meter.may_use(name)])
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(model: str, request: Request, pool: PoolDep) -> ModelCard:
+async def retrieve_model(model: str, request: Request, pool: PoolDep,
+                         meter: MeterDep) -> ModelCard:
     """One model; 404 `model_not_found` for a name that is not served."""
     pool.get(model)
+    meter.allow(model)
     return _card(request, pool, model)
 
 

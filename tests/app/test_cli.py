@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from app import __version__
-from tests.conftest import TINY_GGUF, parse_sse
+from tests.conftest import TINY_GGUF, parse_sse, without_auth
 
 LLM_API = shutil.which("llm-api") or str(Path(sys.executable).parent / "llm-api")
 
@@ -28,7 +28,7 @@ def serve(tmp_path: Path, config: dict[str, object]) -> tuple[subprocess.Popen[s
                                                                httpx.Client]:
     """`llm-api serve` in a subprocess, once /ready says 200."""
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(without_auth(config, tmp_path)))
     port = free_port()
     proc = subprocess.Popen([LLM_API, "serve", "--config", str(path), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,8 +74,8 @@ def test_serve_exits_non_zero_when_a_model_cannot_load(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf at all")
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"setup_params": {"model_path": str(bad)},
-                                      "model_family": "llama"}))
+    config.write_text(yaml.safe_dump(without_auth({"setup_params": {"model_path": str(bad)},
+                                                   "model_family": "llama"}, tmp_path)))
     done = subprocess.run([LLM_API, "serve", "--config", str(config), "--port",
                            str(free_port())], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

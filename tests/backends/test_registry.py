@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,14 +26,15 @@ def test_unknown_family_lists_the_available_ones() -> None:
         backend_class("nope")
 
 
-def test_serving_a_llama_model_imports_no_torch() -> None:
+def test_serving_a_llama_model_imports_no_torch(tmp_path: Path) -> None:
     script = f"""
 import json, sys, time
 from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 settings = Settings(model_family="llama", setup_params={{"model_path": {str(TINY_GGUF)!r}}},
-                    model_params={{"n_ctx": 256}})
+                    model_params={{"n_ctx": 256}}, auth={{"enabled": False}},
+                    data_dir={str(tmp_path)!r})
 with TestClient(create_app(settings)) as client:
     while client.get("/ready").status_code != 200:
         time.sleep(0.05)

@@ -4,6 +4,7 @@ image's own install and entrypoint steps run natively in a fresh venv."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,8 @@ def test_both_images_share_layout_user_and_entrypoint() -> None:
         assert stage.exec_form("CMD") == ["serve"]
         assert "/llm-api/config.yaml" in " ".join(stage.all("COPY"))
         assert stage.env()["LLM_API_MODELS_DIR"] == "/models"
-    assert install_command(cpu)[1:3] == ["/opt/venv", "llama"]
-    assert install_command(gpu)[1:3] == ["/opt/venv", "llama,hf,gptq"]
+    assert install_command(cpu)[1:3] == ["/opt/venv", "llama,postgres,redis"]
+    assert install_command(gpu)[1:3] == ["/opt/venv", "llama,hf,gptq,postgres,redis"]
     builders = [stages(ROOT / name)[0] for name in ("Dockerfile", "Dockerfile.gpu")]
     assert "-DGGML_NATIVE=OFF" in " ".join(builders[0].all("RUN"))
     assert "-DGGML_CUDA=on" in " ".join(builders[1].all("RUN"))
@@ -132,12 +133,16 @@ def test_cpu_image_steps_run_natively(tmp_path: Path) -> None:
     venv_python = tmp_path / "opt" / "venv" / "bin" / "python"
     no_torch = "import importlib.util as u; assert u.find_spec('torch') is None"
     assert subprocess.run([str(venv_python), "-c", no_torch]).returncode == 0
+    stores = "import psycopg, redis"  # the compose file's postgres profile needs both
+    assert subprocess.run([str(venv_python), "-c", stores]).returncode == 0
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_API_", "HF_"))}
     for key, value in stage.env().items():
         env[key] = _in_tmp(value.replace("$PATH", os.environ["PATH"]), tmp_path)
     env["LLM_API_SERVER__PORT"] = str(port)
+    admin_key = "llmapi-docker-test-" + secrets.token_urlsafe(16)
+    env["LLM_API_AUTH__ADMIN_KEY"] = admin_key  # auth is on in the image, as everywhere
     workdir = Path(_in_tmp(stage.one("WORKDIR"), tmp_path))
     workdir.mkdir(parents=True)
     (tmp_path / "models").mkdir()
@@ -163,8 +168,10 @@ def test_cpu_image_steps_run_natively(tmp_path: Path) -> None:
         healthcheck = stage.one("HEALTHCHECK")
         probe = yaml.safe_load(healthcheck[healthcheck.index("CMD") + 3:])
         assert subprocess.run(probe, env=env, cwd=workdir, timeout=30).returncode == 0
-        response = httpx.post(f"{url}/generate",
-                              json={"prompt": "Hello", "params": {"max_tokens": 4}}, timeout=60)
+        body = {"prompt": "Hello", "params": {"max_tokens": 4}}
+        assert httpx.post(f"{url}/generate", json=body, timeout=60).status_code == 401
+        response = httpx.post(f"{url}/generate", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {admin_key}"})
         assert response.status_code == 200, response.text
         assert isinstance(response.json(), str)
     finally:

@@ -1,0 +1,1 @@
+"""API keys, quotas, rate limits and usage records."""

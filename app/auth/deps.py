@@ -1,0 +1,111 @@
+"""FastAPI dependencies: who is calling (`KeyDep`), admins only, the request's `Meter`.
+
+`create_app` includes every router except health's with `guarded()` (or `admin_only()`), so
+a new route is authenticated by the way its router is included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import Depends, Request
+from fastapi.params import Depends as DependsParam
+
+from app.auth.keys import MAX_SECRET_CHARS, now
+from app.auth.meter import Accounts, Meter
+from app.auth.schemas import KeyInfo
+from app.errors import AdminOnly, KeyNotValidNow, KeyRevoked, MissingKey, Unauthorized
+
+HOW = "Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+
+
+def get_accounts(request: Request) -> Accounts:
+    accounts: Accounts = request.app.state.accounts
+    return accounts
+
+
+AccountsDep = Annotated[Accounts, Depends(get_accounts)]
+
+
+def presented_secret(request: Request) -> str:
+    """The key in the Authorization (Bearer) or X-API-Key header; 401 when absent/malformed."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, secret = header.strip().partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise Unauthorized(f"The Authorization header is malformed. {HOW}")
+    else:
+        secret = (request.headers.get("x-api-key") or "").strip()
+        if not secret:
+            raise MissingKey(f"This route needs an API key. {HOW}")
+    if len(secret) > MAX_SECRET_CHARS or any(c.isspace() for c in secret):
+        raise Unauthorized(f"The API key is malformed. {HOW}")
+    return secret
+
+
+def check_valid_now(key: KeyInfo) -> None:
+    moment = now()
+    if key.revoked_at is not None:
+        reason = f" ({key.revoked_reason})" if key.revoked_reason else ""
+        raise KeyRevoked(f"This API key was revoked on {key.revoked_at:%Y-%m-%d %H:%M} UTC"
+                         f"{reason}.")
+    if key.valid_from is not None and moment < key.valid_from:
+        raise KeyNotValidNow(f"This API key is not valid yet: it becomes valid on "
+                             f"{key.valid_from:%Y-%m-%d %H:%M} UTC.")
+    if key.expires_at is not None and moment >= key.expires_at:
+        raise KeyNotValidNow(f"This API key expired on {key.expires_at:%Y-%m-%d %H:%M} UTC.")
+
+
+async def authenticate(request: Request) -> KeyInfo | None:
+    """The caller's key (None when auth is disabled)."""
+    accounts = get_accounts(request)
+    if not accounts.enabled:
+        return None
+    secret = presented_secret(request)
+    key = await to_thread.run_sync(accounts.store.find, secret)
+    if key is None:
+        raise Unauthorized(f"The API key is not valid. {HOW}")
+    check_valid_now(key)
+    return key
+
+
+KeyDep = Annotated[KeyInfo | None, Depends(authenticate)]
+
+
+async def require_admin(request: Request, key: KeyDep) -> KeyInfo:
+    if key is None:
+        raise AdminOnly("Authentication is disabled (auth.enabled: false), so the admin API "
+                        "is off; manage keys with the 'llm-api keys' command.")
+    if key.role != "admin":
+        raise AdminOnly("This route needs an admin key; this key's role is 'user'.")
+    return key
+
+
+AdminDep = Annotated[KeyInfo, Depends(require_admin)]
+
+
+async def metered(request: Request, key: KeyDep) -> AsyncIterator[Meter]:
+    """The request's meter. A request that fails records its status here; a meter the work
+    never settled (a stream the client left before it began) is settled after the response."""
+    meter = Meter(get_accounts(request), key, request.url.path)
+    try:
+        yield meter
+    except BaseException as exc:
+        await meter.close(exc)
+        raise
+    await meter.close(None)
+
+
+MeterDep = Annotated[Meter, Depends(metered)]
+
+
+def guarded() -> list[DependsParam]:
+    """Router dependencies: a valid key, and the request's meter."""
+    return [Depends(metered)]
+
+
+def admin_only() -> list[DependsParam]:
+    return [Depends(require_admin)]

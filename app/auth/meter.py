@@ -1,0 +1,206 @@
+"""Per-request accounting: model check, rate limits, quota reservation, settlement, record.
+
+A route gets its request's `Meter` from the router-level dependency (`app.auth.deps`) and
+hands it to the service function that does the work (`app.service.start_generation`,
+`app.service.embed`). Each generation or embedding call is one `Ticket`: admission reserves
+prompt + max_tokens tokens, settlement turns the reservation into the real count when the
+work ends, however it ends, and records it. (A request with `n` choices holds n tickets.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+from anyio import to_thread
+
+from app.auth.keys import now
+from app.auth.limits import Grant, Limiter
+from app.auth.schemas import KeyInfo
+from app.auth.store import KeyStore, Usage
+from app.errors import KeyRevoked, ModelNotAllowed, QuotaExceeded, spec_for
+from backends.base import Chunk
+from backends.errors import LLMAPIError
+
+log = logging.getLogger(__name__)
+
+TokenCount = Callable[[], Awaitable[int]]
+
+
+@dataclass
+class Accounts:
+    """The server's key store and rate-limit counters (`app.state.accounts`)."""
+
+    store: KeyStore
+    limiter: Limiter
+    enabled: bool
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a request that ended with `exc` gets."""
+    if isinstance(exc, LLMAPIError):
+        return spec_for(exc).status
+    if isinstance(exc, Exception):
+        return 500
+    return 499  # cancelled: the client went away or the server stopped
+
+
+class Meter:
+    """One HTTP request's accounting: the caller's key and the tickets of its work."""
+
+    def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str) -> None:
+        self.accounts = accounts
+        self.key = key
+        self.endpoint = endpoint
+        self.tickets: list[Ticket] = []
+
+    def may_use(self, model: str) -> bool:
+        allowed = self.key.allowed_models if self.key is not None else []
+        return not allowed or model in allowed
+
+    def allow(self, model: str) -> None:
+        """403 unless the key may use `model`. Routes that use a model without generating
+        (e.g. tokenizing) call this alone; nothing is counted or recorded for them."""
+        if not self.may_use(model):
+            assert self.key is not None
+            raise ModelNotAllowed(f"This API key may not use model '{model}'; it may use: "
+                                  f"{', '.join(self.key.allowed_models)}.", param="model")
+
+    async def admit(self, model: str, words: int, count_tokens: TokenCount | None = None
+                    ) -> Ticket:
+        """Check the model, the rate limits and the quotas; count and reserve on success.
+
+        `count_tokens` gives prompt + max_tokens; it is awaited only when a limit needs it.
+        A rejected ticket consumes nothing (`close` records it as the request leaves).
+        """
+        ticket = Ticket(self, model, words)
+        self.tickets.append(ticket)
+        self.allow(model)
+        await ticket.admit(count_tokens)
+        return ticket
+
+    @property
+    def needs_token_count(self) -> bool:
+        """Whether admission must know the tokens up front (token quota or tpm)."""
+        return self.key is not None and (self.key.max_tokens is not None
+                                         or self.key.tpm is not None)
+
+    async def close(self, error: BaseException | None) -> None:
+        """Settle what the work left open as the request leaves: the last ticket gets the
+        request's error status; a stream that never ran is a 499; a ticket that was refunded
+        and retried is dropped."""
+        if error is not None and self.tickets:
+            await self.tickets[-1].settle(status_of(error))
+        for ticket in self.tickets:
+            if not ticket.refunded:
+                await ticket.settle(499)
+
+
+class Ticket:
+    """One generation's or embedding's accounting; `settle` is idempotent and shielded."""
+
+    def __init__(self, meter: Meter, model: str, words: int) -> None:
+        self.meter = meter
+        self.model = model
+        self.words = words
+        self.reserved = 0
+        self.prompt_tokens = 0
+        self.completion_tokens: int | None = None
+        self.pieces = 0
+        self.running = False  # the backend accepted the work
+        self.refunded = False
+        self._grant = Grant()
+        self._admitted = False
+        self._settled = False
+        self._started = time.monotonic()
+
+    async def admit(self, count_tokens: TokenCount | None) -> None:
+        key, accounts = self.meter.key, self.meter.accounts
+        if key is None:
+            return
+        needed = count_tokens is not None and self.meter.needs_token_count
+        tokens = await count_tokens() if count_tokens is not None and needed else 0
+        self._grant = await accounts.limiter.acquire(key, tokens)
+        if not await to_thread.run_sync(accounts.store.reserve, key.id, tokens):
+            await accounts.limiter.finish(self._grant, 0, rollback=True)
+            self._grant = Grant()
+            raise await self._quota_error(key, tokens)
+        self.reserved, self._admitted = tokens, True
+
+    async def refund(self) -> None:
+        """Give the admission back whole when the backend refused the work (e.g. a context
+        overflow): the request and its tokens count nothing."""
+        self.refunded = True
+        key = self.meter.key
+        if not self._admitted or key is None:
+            return
+        self._admitted = False
+        with anyio.CancelScope(shield=True):
+            await to_thread.run_sync(self.meter.accounts.store.settle, key.id, self.reserved,
+                                     0, True, None)
+            await self.meter.accounts.limiter.finish(self._grant, 0, rollback=True)
+        self.reserved, self._grant = 0, Grant()
+
+    async def _quota_error(self, stale: KeyInfo, tokens: int) -> LLMAPIError:
+        key = await to_thread.run_sync(self.meter.accounts.store.get, stale.id)
+        if key.revoked_at is not None:
+            return KeyRevoked(f"This API key was revoked on {key.revoked_at:%Y-%m-%d %H:%M} "
+                              "UTC.")
+        if key.max_requests is not None and key.used_requests >= key.max_requests:
+            return QuotaExceeded(
+                f"Request quota used up: {key.used_requests} of {key.max_requests} requests.",
+                headers={"X-RateLimit-Limit": str(key.max_requests),
+                         "X-RateLimit-Remaining": "0"})
+        limit = key.max_tokens or 0
+        left = max(0, limit - key.used_tokens - key.reserved_tokens)
+        return QuotaExceeded(
+            f"Token quota exceeded: {key.used_tokens} of {limit} tokens used and "
+            f"{key.reserved_tokens} reserved by running requests; this request needs {tokens} "
+            f"(prompt + max_tokens), {left} are left.",
+            retry_after=1 if key.reserved_tokens else None,
+            headers={"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(left)})
+
+    def observe(self, chunk: Chunk) -> None:
+        """Note a chunk of the stream: token counts when the backend reports them."""
+        if chunk.prompt_tokens is not None:
+            self.prompt_tokens = chunk.prompt_tokens
+        if chunk.completion_tokens is not None:
+            self.completion_tokens = chunk.completion_tokens
+        elif chunk.text:
+            self.pieces += 1
+
+    @property
+    def used_tokens(self) -> int:
+        if not self.running:
+            return 0
+        completion = self.pieces if self.completion_tokens is None else self.completion_tokens
+        return self.prompt_tokens + completion
+
+    async def settle(self, status: int) -> None:
+        """Settle the reservation to the real count and record the work (once)."""
+        if self._settled:
+            return
+        self._settled = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._settle(status)
+            except Exception:  # noqa: BLE001 - accounting must never break a response
+                log.exception("could not settle the usage of a request")
+
+    async def _settle(self, status: int) -> None:
+        key, accounts = self.meter.key, self.meter.accounts
+        used = self.used_tokens
+        prompt = self.prompt_tokens if self.running else 0
+        usage = Usage(
+            key_id=key.id if key else None, model=self.model, endpoint=self.meter.endpoint,
+            status=status, prompt_tokens=prompt, completion_tokens=used - prompt,
+            prompt_words=self.words, latency_ms=(time.monotonic() - self._started) * 1000,
+            created_at=now())
+        key_id = key.id if key is not None and self._admitted else None
+        await to_thread.run_sync(accounts.store.settle, key_id, self.reserved, used,
+                                 not self.running, usage)
+        if self._admitted:
+            await accounts.limiter.finish(self._grant, used)

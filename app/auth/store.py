@@ -1,0 +1,240 @@
+"""KeyStore: keys, atomic quota admission and settlement, usage rows (SQLite or Postgres).
+
+Every method is blocking; the server calls them off the event loop (`anyio.to_thread`).
+Quota checks are single SQL statements, so they are atomic on SQLite and Postgres alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import keys
+from app.auth.models import ApiKey, UsageRecord
+from app.auth.schemas import KeyCreated, KeyInfo, KeyLimits
+from app.errors import InvalidParams, KeyNotFound
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One finished request, as recorded."""
+
+    key_id: int | None
+    model: str
+    endpoint: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_words: int
+    latency_ms: float
+    created_at: datetime
+
+
+# The per-request statements are built once: building one costs more than running it.
+_KEYS = ApiKey.__table__
+_FIND = select(_KEYS).where(_KEYS.c.secret_hash == bindparam("digest"))
+_RESERVE = (
+    update(ApiKey)
+    .where(ApiKey.id == bindparam("key_id"), ApiKey.revoked_at.is_(None),
+           ApiKey.max_requests.is_(None) | (ApiKey.used_requests < ApiKey.max_requests),
+           ApiKey.max_tokens.is_(None) | (ApiKey.used_tokens + ApiKey.reserved_tokens
+                                          + bindparam("tokens") <= ApiKey.max_tokens))
+    .values(used_requests=ApiKey.used_requests + 1,
+            reserved_tokens=ApiKey.reserved_tokens + bindparam("tokens"),
+            last_used_at=bindparam("now"))
+    .execution_options(synchronize_session=False))
+_SETTLE = (
+    update(ApiKey).where(ApiKey.id == bindparam("key_id"))
+    .values(used_requests=ApiKey.used_requests - bindparam("refund"),
+            reserved_tokens=ApiKey.reserved_tokens - bindparam("reserved"),
+            used_tokens=ApiKey.used_tokens + bindparam("used"))
+    .execution_options(synchronize_session=False))
+_RECORD = insert(UsageRecord)
+_STARTUP_LOCK = 0x11A_A11  # the advisory lock id of llm-api's startup
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                           pool_size=10, max_overflow=50)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints, fast commits
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    return engine
+
+
+class KeyStore:
+    """The configured store. Safe to share between threads."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.url = url
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def describe(self) -> str:
+        """The URL without its password, for logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Serialise replicas starting together on one Postgres store (migrations and the
+        admin-key bootstrap run once, not in a race)."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _STARTUP_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"),
+                                   {"id": _STARTUP_LOCK})
+                connection.commit()
+
+    def migrate(self) -> None:
+        """Apply the Alembic migrations shipped in app/migrations (idempotent)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create(self, fields: KeyLimits, secret: str | None = None) -> KeyCreated:
+        """Store a new key; its secret (generated unless given) is returned only here."""
+        secret = secret or keys.generate_secret()
+        data = fields.model_dump()
+        data["valid_from"] = keys.utc(fields.valid_from)
+        data["expires_at"] = keys.utc(fields.expires_at, end_of_day=True)
+        row = ApiKey(**data, secret_hash=keys.hash_secret(secret),
+                     prefix=keys.display_prefix(secret), created_at=keys.now(),
+                     used_requests=0, used_tokens=0, reserved_tokens=0)
+        with self._session.begin() as session:
+            session.add(row)
+            session.flush()
+            return KeyCreated(**KeyInfo.model_validate(row).model_dump(), secret=secret)
+
+    def find(self, secret: str) -> KeyInfo | None:
+        """The key with this secret, or None; the hash is compared in constant time."""
+        with self.engine.connect() as connection:
+            row = connection.execute(_FIND, {"digest": keys.hash_secret(secret)}).first()
+        if row is None or not keys.same_hash(row.secret_hash, secret):
+            return None
+        return KeyInfo.model_validate(row._mapping)
+
+    def get(self, key_id: int) -> KeyInfo:
+        with self._session() as session:
+            return KeyInfo.model_validate(self._row(session, key_id))
+
+    def list(self) -> list[KeyInfo]:
+        with self._session() as session:
+            return [KeyInfo.model_validate(r) for r in session.scalars(
+                select(ApiKey).order_by(ApiKey.id))]
+
+    def count(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(ApiKey)) or 0)
+
+    def update(self, key_id: int, changes: dict[str, Any]) -> KeyInfo:
+        if "valid_from" in changes:
+            changes["valid_from"] = keys.utc(changes["valid_from"])
+        if "expires_at" in changes:
+            changes["expires_at"] = keys.utc(changes["expires_at"], end_of_day=True)
+        with self._session.begin() as session:
+            row = self._row(session, key_id)
+            for name, value in changes.items():
+                setattr(row, name, value)
+            start, end = row.valid_from, row.expires_at
+            if start is not None and end is not None and end <= start:
+                raise InvalidParams("expires_at must be after valid_from.", param="expires_at")
+            session.flush()
+            return KeyInfo.model_validate(row)
+
+    def revoke(self, key_id: int, reason: str | None) -> KeyInfo:
+        with self._session.begin() as session:
+            row = self._row(session, key_id)
+            if row.revoked_at is None:
+                row.revoked_at, row.revoked_reason = keys.now(), reason
+            session.flush()
+            return KeyInfo.model_validate(row)
+
+    def rotate(self, key_id: int) -> KeyCreated:
+        """A new secret for the same key (owner, limits, usage); the old one stops working."""
+        secret = keys.generate_secret()
+        with self._session.begin() as session:
+            row = self._row(session, key_id)
+            row.secret_hash, row.prefix = keys.hash_secret(secret), keys.display_prefix(secret)
+            session.flush()
+            return KeyCreated(**KeyInfo.model_validate(row).model_dump(), secret=secret)
+
+    def ensure_admin(self, secret: str) -> KeyInfo:
+        """The admin key with this secret, created when missing (configured admin keys)."""
+        found = self.find(secret)
+        if found is not None:
+            return found
+        return self.create(KeyLimits(name="admin (from settings)", role="admin"), secret)
+
+    @staticmethod
+    def _row(session: Session, key_id: int) -> ApiKey:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            raise KeyNotFound(f"There is no key with id {key_id}.", param="id")
+        return row
+
+    # -- quotas ----------------------------------------------------------------------------
+
+    def reserve(self, key_id: int, tokens: int) -> bool:
+        """Count one request and reserve `tokens`, only if both quotas allow it (atomic)."""
+        with self.engine.begin() as connection:
+            result = connection.execute(_RESERVE, {"key_id": key_id, "tokens": tokens,
+                                                   "now": keys.now()})
+            return result.rowcount == 1
+
+    def settle(self, key_id: int | None, reserved: int, used: int, refund: bool,
+               usage: Usage | None) -> None:
+        """Turn a reservation into the real count (refunding the request when it never ran)
+        and record the request, in one transaction."""
+        with self.engine.begin() as connection:
+            if key_id is not None:
+                connection.execute(_SETTLE, {"key_id": key_id, "refund": int(refund),
+                                             "reserved": reserved, "used": used})
+            if usage is not None:
+                connection.execute(_RECORD, {**usage.__dict__, "day": usage.created_at.date()})

@@ -1,0 +1,79 @@
+"""The OpenAI-compatible and queue-style routes are metered like the native ones: the key's
+counters and /usage agree with the `usage` the responses report. Each of `n` choices is a
+generation of its own: a request, and its prompt processed again (OpenAI's `usage` counts the
+prompt once)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.auth.conftest import ADMIN, bearer, create_key, key_info
+from tests.conftest import parse_sse
+
+CHAT = [{"role": "user", "content": "tell me a story"}]
+
+
+def usage_totals(server: Any, key_id: int) -> dict[str, int]:
+    report = server.client.get("/admin/usage", params={"key_id": key_id}, headers=ADMIN)
+    totals: dict[str, int] = report.json()["totals"]
+    return totals
+
+
+def test_chat_with_n_choices_counts_each_choice(auth_server: Any) -> None:
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=100_000, max_requests=10)
+    answer = server.client.post("/v1/chat/completions", headers=bearer(secret), json={
+        "model": "tiny", "messages": CHAT, "max_tokens": 6, "n": 3, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    info = key_info(server.client, key_id)
+    assert (info["used_requests"], info["reserved_tokens"]) == (3, 0)
+    assert info["used_tokens"] == 3 * usage["prompt_tokens"] + usage["completion_tokens"]
+    totals = usage_totals(server, key_id)
+    assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == \
+        (3, 3 * usage["prompt_tokens"], usage["completion_tokens"])
+    assert totals["words"] == 3 * 4
+
+
+def test_streamed_completion_usage_matches(auth_server: Any) -> None:
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=100_000)
+    body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 8, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with server.client.stream("POST", "/v1/completions", json=body,
+                              headers=bearer(secret)) as response:
+        events = [data for _, data in parse_sse(response.iter_lines())]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    info = key_info(server.client, key_id)
+    assert (info["used_requests"], info["reserved_tokens"]) == (2, 0)
+    assert info["used_tokens"] == 2 * usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_embeddings_usage_matches(auth_server: Any) -> None:
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=1000)
+    answer = server.client.post("/v1/embeddings", headers=bearer(secret), json={
+        "model": "tiny", "input": ["hello world", "a brown fox"]})
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()["usage"]["prompt_tokens"]
+    assert tokens > 0
+    assert key_info(server.client, key_id)["used_tokens"] == tokens
+    assert usage_totals(server, key_id)["prompt_tokens"] == tokens
+
+
+def test_clamped_queue_job_is_one_request(auth_server: Any) -> None:
+    """A tokens_limit beyond the context is refused, refunded and retried smaller: the
+    key pays for one request and what was generated."""
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=100_000, max_requests=5)
+    answer = server.client.post("/generate", headers=bearer(secret), json={
+        "job_id": "big", "meta": {"model": "tiny", "tokens_limit": 5000}, "content": "hi"})
+    assert answer.status_code == 200, answer.text
+    assert "clamped" in answer.headers["warning"]
+    info = key_info(server.client, key_id)
+    assert (info["used_requests"], info["reserved_tokens"]) == (1, 0)
+    totals = usage_totals(server, key_id)
+    assert (totals["requests"], totals["errors"]) == (1, 0)
+    assert info["used_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"]
