@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from time import sleep
 from typing import Any
 
 import httpx
@@ -81,7 +81,7 @@ class Connection(BaseModel):
                 wait = self._retry_wait(error, attempt)
                 if wait is None:
                     raise error
-                time.sleep(wait)
+                sleep(wait)
 
     def _post(self, path: str, body: dict[str, Any] | None, method: str = "POST") -> Any:
         with self._open(path, body, method) as response:

@@ -126,7 +126,8 @@ async def _drain(stream: Any) -> list[Any]:
 def test_overloaded_is_retried_after_the_given_wait(recording_endpoint: RecordingEndpoint,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr("langchain_llm_api._connection.time.sleep", waits.append)
+    # Only the client's own sleep: patching time.sleep would stall every thread of the process.
+    monkeypatch.setattr("langchain_llm_api._connection.sleep", waits.append)
     recording_endpoint.reply(503, _error("queue_full", "overloaded_error", "Queue full."),
                              {"Retry-After": "2"})
     with pytest.raises(OverloadedError):
