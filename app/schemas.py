@@ -9,6 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from backends.base import GenerationParams, GenerationRequest
 
 MAX_STOP_SEQUENCES = 16
+
+
+def check_stops(stop: str | list[str] | None) -> None:
+    """At most MAX_STOP_SEQUENCES stop strings of 1 to 500 characters (ValueError otherwise)."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
+    if any(not s or len(s) > 500 for s in stops):
+        raise ValueError("each stop string must have 1 to 500 characters")
+
+
 MAX_TEXT_CHARS = 1_000_000
 
 
@@ -51,11 +62,7 @@ class NativeParams(StrictSchema):
 
     @model_validator(mode="after")
     def _bounded_stop(self) -> NativeParams:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
-        if any(not s or len(s) > 500 for s in stops):
-            raise ValueError("each stop string must have 1 to 500 characters")
+        check_stops(self.stop)
         return self
 
     def to_params(self) -> GenerationParams:

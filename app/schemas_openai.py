@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 from pydantic import Field, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
-from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
+from app.schemas import MAX_TEXT_CHARS, StrictSchema, check_stops
 from backends.base import GenerationParams, GenerationRequest
 from backends.errors import InvalidRequest
 
@@ -54,11 +54,7 @@ class SamplingFields(StrictSchema):
 
     @model_validator(mode="after")
     def _bounded_stop(self) -> SamplingFields:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
-        if any(not s or len(s) > 500 for s in stops):
-            raise ValueError("each stop string must have 1 to 500 characters")
+        check_stops(self.stop)
         return self
 
     def check_supported(self) -> None:
