@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.conftest import LiveServer, tiny_config
+from tests.conftest import FIXTURES, LiveServer, tiny_config
 
-# Models the SDK tests are parametrized over: name → config entry. The tiny HF model joins
-# with one line once the huggingface family is on main.
+# Models the SDK tests are parametrized over: name → config entry (the same tiny Llama as a
+# GGUF under llama.cpp and as a transformers snapshot under the huggingface family).
 SDK_MODELS: dict[str, dict[str, Any]] = {
     "tiny": {**tiny_config(), "default_max_tokens": 64},
+    "tiny-hf": {"model_family": "huggingface", "default_max_tokens": 64,
+                "setup_params": {"model_path": str(FIXTURES / "tiny-llama-hf")}},
 }
 
 
