@@ -12,7 +12,7 @@ from anyio import to_thread
 from fastapi import Depends, FastAPI
 
 from app import __version__
-from app.api import admin, health, native, openai
+from app.api import admin, docs, health, native, openai
 from app.auth.deps import admin_only, authenticate, guarded
 from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.errors import install_error_handlers
@@ -47,7 +47,8 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
             accounts.store.close()
 
     app = FastAPI(title="llm-api", version=__version__, lifespan=lifespan,
-                  description="Open LLMs behind a protected HTTP API.")
+                  description="Open LLMs behind a protected HTTP API.",
+                  openapi_url=None, docs_url=None, redoc_url=None)  # served by docs.router
     app.state.settings = settings
     app.state.started = int(time.time())
     install_error_handlers(app)
@@ -58,6 +59,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app.include_router(native.router, dependencies=guarded())
     app.include_router(openai.router, dependencies=guarded())
     app.include_router(admin.router, dependencies=[Depends(authenticate)])
+    app.include_router(docs.router, dependencies=[Depends(authenticate)])
     app.include_router(admin.admin, dependencies=admin_only())
     return app
 
