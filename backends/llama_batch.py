@@ -126,13 +126,13 @@ class LlamaBatchEngine(BatchEngine):
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(chain, sampler)
 
-        if grammar is not None:
-            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
-                                               grammar._root.encode()))
         if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             add(lib.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty,
                                                  params.frequency_penalty,
                                                  params.presence_penalty))
+        if grammar is not None:
+            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
+                                               grammar._root.encode()))
         if params.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
             return chain
