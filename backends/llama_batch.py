@@ -88,6 +88,7 @@ class LlamaBatchEngine(BatchEngine):
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
         self.slots = [Slot(i) for i in range(parallel)]
         self._by_key: dict[int, Slot] = {}
+        self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
 
     # -- admission -------------------------------------------------------------------------
 
@@ -105,6 +106,7 @@ class LlamaBatchEngine(BatchEngine):
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         self._lib.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
+        self.reused_tokens += reuse
         seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
                        sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
                        logprobs=params.logprobs, todo=tokens[reuse:])
