@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.batching import BatchLoop
 from app.errors import (
     ClientDisconnected,
     ModelNotReady,
@@ -30,7 +31,6 @@ from app.errors import (
     RequestTimeout,
     as_domain_error,
 )
-from app.batching import BatchLoop
 from backends.base import Backend, Chunk, GenerationRequest
 from backends.errors import LLMAPIError, ModelLoadError
 

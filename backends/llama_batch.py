@@ -75,9 +75,8 @@ class LlamaBatchEngine(BatchEngine):
         if n_threads:
             params.n_threads = n_threads
             params.n_threads_batch = n_threads_batch or n_threads
-        params.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                  False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}.get(
-            flash_attn, lib.LLAMA_FLASH_ATTN_TYPE_AUTO)  # type: ignore[call-overload]
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn == "auto" else \
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = lib.llama_init_from_model(backend.model_pointer, params)
         if not self._ctx:
             raise ModelLoadError("llama.cpp could not create the batching context "
