@@ -132,6 +132,9 @@ class LlamaBackend(Backend):
 
     @property
     def context_length(self) -> int:
+        """Tokens one request may use: the batching engine's per-sequence cells once it runs."""
+        if self._engine is not None:
+            return self._engine.context_length
         return int(self._llm.n_ctx())
 
     # -- text ------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ class LlamaBackend(Backend):
             from backends.llama_batch import LlamaBatchEngine
 
             p = self._params
-            self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.flash_attn,
+            self._engine = LlamaBatchEngine(  # reads the serial context's length firstself, p.parallel, p.prompt_chunk, p.flash_attn,
                                             p.n_threads, p.n_threads_batch)
         return self._engine
 
