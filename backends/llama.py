@@ -90,6 +90,7 @@ class LlamaBackend(Backend):
         self._path = path
         self._embedder: Llama | None = None
         self._engine: LlamaBatchEngine | None = None
+        self._n_ctx = int(llm.n_ctx())  # read once: /ready may ask while the engine closes
         self._vocab = llm._model.vocab
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
@@ -135,7 +136,7 @@ class LlamaBackend(Backend):
         """Tokens one request may use: the batching engine's per-sequence cells once it runs."""
         if self._engine is not None:
             return self._engine.context_length
-        return int(self._llm.n_ctx())
+        return self._n_ctx
 
     # -- text ------------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class LlamaBackend(Backend):
             from backends.llama_batch import LlamaBatchEngine
 
             p = self._params
-            self._engine = LlamaBatchEngine(  # reads the serial context's length firstself, p.parallel, p.prompt_chunk, p.flash_attn,
+            self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.flash_attn,
                                             p.n_threads, p.n_threads_batch)
         return self._engine
 

@@ -239,3 +239,25 @@ def test_http_embeddings_arriving_together_match_alone(server: LiveServer) -> No
         thread.join(120)
     for i, vector in enumerate(alone_vectors):
         assert together[i] == pytest.approx(vector, abs=1e-4)
+
+
+def test_a_long_prompt_is_fed_in_capped_chunks_while_others_stream(
+        engine: LlamaBatchEngine) -> None:
+    engine.admit(0, GenerationRequest(prompt="hello", params=GenerationParams(
+        temperature=0, max_tokens=40)))
+    engine.step()
+    long_prompt = GenerationRequest(prompt="one two three four five six seven " * 8,
+                                    params=GenerationParams(temperature=0, max_tokens=2))
+    prompt_tokens = engine.admit(1, long_prompt).prompt_tokens
+    assert prompt_tokens is not None and prompt_tokens > 3 * engine.prompt_chunk
+    steps = 0
+    while True:
+        produced = engine.step()
+        steps += 1
+        assert any(key == 0 for key, _ in produced)  # the running stream got its token
+        if any(key == 1 and isinstance(c, Chunk) and c.text for key, c in produced):
+            break
+    assert steps >= prompt_tokens // engine.prompt_chunk
+    engine.cancel(0)
+    engine.cancel(1)
+    assert_clean(engine)
