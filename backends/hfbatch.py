@@ -167,6 +167,11 @@ class HFBatchEngine(BatchEngine):
     def active(self) -> int:
         return len(self._waiting) + len(self._running)
 
+    @property
+    def cached_rows(self) -> int:
+        """Sequences whose keys and values are in the batched cache (for checks)."""
+        return 0 if self._mask is None else int(self._mask.shape[0])
+
     # -- decoding --------------------------------------------------------------------------
 
     def _decode_running(self, out: Step) -> None:
