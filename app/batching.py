@@ -177,15 +177,15 @@ class BatchLoop:
             self.running.clear()
             return
         for key, item in produced:
-            job = self.running.get(key)
-            if job is None:
+            owner = self.running.get(key)
+            if owner is None:
                 continue
             if isinstance(item, LLMAPIError):
                 del self.running[key]
-                job.emit(item)
-                self._finish("failed", job.started)
+                owner.emit(item)
+                self._finish("failed", owner.started)
                 continue
-            self._route(key, job, item)
+            self._route(key, owner, item)
 
     def _route(self, key: int, job: Job, chunk: Chunk) -> None:
         if chunk.finish_reason is None and chunk.prompt_tokens is None:

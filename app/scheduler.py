@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.batching import BatchLoop
 from app.errors import (
     ClientDisconnected,
     ModelNotReady,
@@ -30,8 +31,7 @@ from app.errors import (
     RequestTimeout,
     as_domain_error,
 )
-from app.batching import BatchLoop
-from backends.base import Backend, Chunk, GenerationRequest
+from backends.base import Backend, BatchEngine, Chunk, GenerationRequest
 from backends.errors import LLMAPIError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ModelScheduler:
 
     def _main(self) -> None:
         try:
-            self.backend = self._loader()
+            backend, engine = self._load()
         except Exception as exc:  # noqa: BLE001 - reported through state and the log
             self.state = "failed"
             self.error = exc.message if isinstance(exc, LLMAPIError) else \
@@ -160,20 +160,29 @@ class ModelScheduler:
             self._loaded.set()
             self._drain("the model failed to load")
             return
+        self.backend = backend
+        self._capacity = engine.max_sequences if engine is not None else 1
         self.state = "ready"
         self._loaded.set()
         log.info("model %s is ready", self.name)
         try:
-            engine = self.backend.batch_engine()
             if engine is None:
-                self._serve_jobs(self.backend)
+                self._serve_jobs(backend)
             else:
-                self._capacity = engine.max_sequences
-                BatchLoop(self, self.backend, engine, _END).run()
+                BatchLoop(self, backend, engine, _END).run()
         finally:
             self.state = "stopped"
             self._drain("the server is shutting down")
-            self.backend.close()
+            backend.close()
+
+    def _load(self) -> tuple[Backend, BatchEngine | None]:
+        """The backend and its batching engine (None: serve it serially), both ready."""
+        backend = self._loader()
+        try:
+            return backend, backend.batch_engine()
+        except BaseException:
+            backend.close()
+            raise
 
     def _drain(self, why: str) -> None:
         while True:

@@ -90,6 +90,7 @@ class LlamaBackend(Backend):
         self._path = path
         self._embedder: Llama | None = None
         self._engine: LlamaBatchEngine | None = None
+        self._n_ctx = int(llm.n_ctx())  # read once: /ready may ask while the engine closes
         self._vocab = llm._model.vocab
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
@@ -132,7 +133,10 @@ class LlamaBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return int(self._llm.n_ctx())
+        """Tokens one request may use: the batching engine's per-sequence cells once it runs."""
+        if self._engine is not None:
+            return self._engine.context_length
+        return self._n_ctx
 
     # -- text ------------------------------------------------------------------------------
 

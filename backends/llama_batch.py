@@ -75,9 +75,8 @@ class LlamaBatchEngine(BatchEngine):
         if n_threads:
             params.n_threads = n_threads
             params.n_threads_batch = n_threads_batch or n_threads
-        params.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                  False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}.get(
-            flash_attn, lib.LLAMA_FLASH_ATTN_TYPE_AUTO)  # type: ignore[call-overload]
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn == "auto" else \
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = lib.llama_init_from_model(backend.model_pointer, params)
         if not self._ctx:
             raise ModelLoadError("llama.cpp could not create the batching context "
@@ -88,6 +87,7 @@ class LlamaBatchEngine(BatchEngine):
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
         self.slots = [Slot(i) for i in range(parallel)]
         self._by_key: dict[int, Slot] = {}
+        self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
 
     # -- admission -------------------------------------------------------------------------
 
@@ -105,6 +105,7 @@ class LlamaBatchEngine(BatchEngine):
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         self._lib.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
+        self.reused_tokens += reuse
         seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
                        sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
                        logprobs=params.logprobs, todo=tokens[reuse:])
@@ -126,13 +127,13 @@ class LlamaBatchEngine(BatchEngine):
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(chain, sampler)
 
-        if grammar is not None:
-            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
-                                               grammar._root.encode()))
         if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             add(lib.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty,
                                                  params.frequency_penalty,
                                                  params.presence_penalty))
+        if grammar is not None:
+            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
+                                               grammar._root.encode()))
         if params.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
             return chain
