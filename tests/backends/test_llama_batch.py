@@ -261,3 +261,20 @@ def test_a_long_prompt_is_fed_in_capped_chunks_while_others_stream(
     engine.cancel(0)
     engine.cancel(1)
     assert_clean(engine)
+
+
+def test_http_an_overlong_embedding_fails_alone_among_coalesced_ones(server: LiveServer) -> None:
+    inputs = ["fine one", "hello " * 700, "fine two", "fine three"]
+    answers: dict[int, httpx.Response] = {}
+
+    def embed(i: int) -> None:
+        answers[i] = httpx.post(f"{server.url}/v1/embeddings", timeout=120,
+                                json={"model": "tiny", "input": inputs[i]})
+
+    threads = [threading.Thread(target=embed, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert_error(answers[1], 400, "context_length_exceeded")
+    assert all(answers[i].status_code == 200 for i in (0, 2, 3))
