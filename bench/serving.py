@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(f"systems: {', '.join(args.systems)}; transformers rows: {not args.skip_hf}")
         return
-    model = build(CACHE / "rand-91m-q8_0-noeos.gguf", never_special=True)
+    model = gguf_model()
     args.out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"title": f"{model.name}, {args.threads} threads, "
                             f"{args.rounds} round(s)", "args": vars(args) | {"out": None}}
@@ -229,6 +229,19 @@ def main(argv: list[str] | None = None) -> None:
     results_json = args.out / f"serving-{stamp}.json"
     results_json.write_text(json.dumps(data, indent=1, default=str))
     print(f"\nraw: {results_json}; {plot(results_json, args.out / f'serving-{stamp}.png')}")
+
+
+def gguf_model() -> Path:
+    """The random GGUF (built once; with the bench venv's gguf if this venv has none)."""
+    path = CACHE / "rand-91m-q8_0-noeos.gguf"
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from randmodel import build; "
+                "from pathlib import Path; build(Path(sys.argv[2]), never_special=True)")
+        subprocess.run([str(BENCH_PYTHON), "-c", code, str(BENCH), str(path)], check=True)
+        return path
+    return build(path, never_special=True)
 
 
 def hf_knows_parallel() -> bool:

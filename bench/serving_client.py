@@ -3,7 +3,8 @@
 
 Tokens of a stream = the completion tokens the server reports in a final `usage` chunk
 (llama-server, llm-api with `stream_options.include_usage`), else the number of streamed chunks
-that carry a text field (llama-cpp-python's server: exactly one chunk per generated token).
+that carry a text field, the closing finish_reason chunk aside (llama-cpp-python's server:
+one chunk per generated token).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _piece(chunk: dict[str, Any]) -> str | None:
     choice = choices[0]
     if choice.get("finish_reason"):
         chunk["_finish"] = choice["finish_reason"]
+        if not choice.get("text") and not (choice.get("delta") or {}).get("content"):
+            return None  # a closing chunk, not a token
     if "text" in choice:
         return str(choice["text"] or "")
     delta = choice.get("delta") or {}

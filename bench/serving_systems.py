@@ -106,7 +106,8 @@ def start_llama_cpp_python(settings: Settings) -> Running:
     argv = [str(BENCH_PYTHON), "-m", "llama_cpp.server", "--model", str(settings.model),
             "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(settings.threads),
             "--n_threads_batch", str(settings.threads), "--n_ctx", str(settings.n_ctx),
-            "--verbose", "false"]
+            "--verbose", "false", "--interrupt_requests", "false"]  # default: a new request
+    # cancels the running one; without it, requests queue (one at a time)
     return _launch("llama-cpp-python", argv, "/v1/models", port, settings)
 
 
