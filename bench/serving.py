@@ -146,18 +146,18 @@ def one_system(name: str, settings: Settings, plan: Plan, seed: int) -> Metrics:
     return metrics
 
 
-def run_llama(args: argparse.Namespace, plan: Plan, model: Path,
-              workdir: Path) -> dict[str, dict[str, list[float]]]:
+def run_llama(args: argparse.Namespace, plan: Plan, model: Path, workdir: Path,
+              results: dict[str, dict[str, list[float]]], save: Callable[[], None]) -> None:
     extra = {"parallel": args.parallel} if llama_knows_parallel() else {}
     settings = Settings(model, args.threads, args.parallel, args.n_ctx, workdir, extra)
-    results: dict[str, dict[str, list[float]]] = {name: {} for name in args.systems}
+    results.update({name: {} for name in args.systems})
     for r in range(args.rounds):
         order = args.systems[r % len(args.systems):] + args.systems[:r % len(args.systems)]
         print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
         for name in order:
             for key, value in one_system(name, settings, plan, seed=1000 * r).items():
                 results[name].setdefault(key, []).append(value)
-    return results
+            save()  # partial results survive an interrupted run
 
 
 def plot(results_json: Path, png: Path) -> str:
@@ -179,15 +179,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "llm-api model_params.parallel")
     parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence "
                         "(llama-server gets n_ctx x parallel, split into its slots)")
-    parser.add_argument("--systems", default=f"{OURS},{CPP},{LCP}")
+    parser.add_argument("--systems", default=f"{OURS},{CPP},{LCP}", help="comma-separated; "
+                        "'none': transformers rows only")
     parser.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     parser.add_argument("--hf-tokens", type=int, default=None, help="tokens per request of "
                         "the transformers rows (default 64; 16 with --quick)")
     parser.add_argument("--out", type=Path, default=CACHE, help="where JSON and PNG go")
+    parser.add_argument("--report", type=Path, help="only print the tables (and plot) of a "
+                        "saved results JSON")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.hf_tokens = args.hf_tokens or (16 if args.quick else 64)
-    args.systems = [s for s in args.systems.split(",") if s]
+    args.systems = [s for s in args.systems.split(",") if s and s != "none"]
     unknown = set(args.systems) - set(STARTERS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(STARTERS)}")
@@ -206,29 +209,42 @@ def header(args: argparse.Namespace, plan: Plan) -> str:
             "BOS/EOS, so every request runs to max_tokens.")
 
 
+def report(data: dict[str, Any], results_json: Path) -> None:
+    if data.get("llama"):
+        systems = list(data["llama"])
+        print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], systems))
+    if data.get("hf"):
+        print("\n## transformers (8 concurrent requests)\n\n" + hf_table(data["hf"]))
+    print(f"\nraw: {results_json}; {plot(results_json, results_json.with_suffix('.png'))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.report:
+        return report(json.loads(args.report.read_text()), args.report)
     plan = Plan(args.quick)
-    print(header(args, plan))
+    print(header(args, plan), flush=True)
     if args.dry_run:
         print(f"systems: {', '.join(args.systems)}; transformers rows: {not args.skip_hf}")
         return
     model = gguf_model()
     args.out.mkdir(parents=True, exist_ok=True)
+    results_json = args.out / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
     data: dict[str, Any] = {"title": f"{model.name}, {args.threads} threads, "
-                            f"{args.rounds} round(s)", "args": vars(args) | {"out": None}}
+                            f"{args.rounds} round(s)", "header": header(args, plan)}
+
+    def save() -> None:
+        results_json.write_text(json.dumps(data, indent=1, default=str))
+
     with tempfile.TemporaryDirectory() as tmp:
-        data["llama"] = run_llama(args, plan, model, Path(tmp))
-        print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], args.systems))
+        if args.systems:
+            data["llama"] = {}
+            run_llama(args, plan, model, Path(tmp), data["llama"], save)
         if not args.skip_hf:
             extra = {"parallel": args.parallel} if hf_knows_parallel() else {}
             data["hf"] = run_hf(args.threads, args.rounds, 8, args.hf_tokens, Path(tmp), extra)
-            print(f"\n## transformers (8 requests x {args.hf_tokens} tokens)\n\n"
-                  + hf_table(data["hf"]))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results_json = args.out / f"serving-{stamp}.json"
-    results_json.write_text(json.dumps(data, indent=1, default=str))
-    print(f"\nraw: {results_json}; {plot(results_json, args.out / f'serving-{stamp}.png')}")
+    save()
+    report(data, results_json)
 
 
 def gguf_model() -> Path:
