@@ -6,8 +6,9 @@ call into a model's backend happens on that model's engine thread. Requests subm
 asyncio queue. A disconnect or a timeout sets the job's cancel flag, which the engine thread
 checks before every item: a queued job is dropped, a running one stops at its next token.
 
-Routes reach a scheduler through `generate` and `embed` only, so a batching scheduler (a later
-issue) can replace the serial loop without touching routes or backends.
+Routes reach a scheduler through `generate`, `embed` and `call` only. When the backend offers
+a `BatchEngine`, the engine thread runs `app.batching.BatchLoop` instead of the serial loop:
+generations are decoded together, and `running` counts sequences.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.batching import BatchLoop
 from app.errors import (
     ClientDisconnected,
     ModelNotReady,
@@ -29,7 +31,7 @@ from app.errors import (
     RequestTimeout,
     as_domain_error,
 )
-from backends.base import Backend, Chunk, GenerationRequest
+from backends.base import Backend, BatchEngine, Chunk, GenerationRequest
 from backends.errors import LLMAPIError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ class Job:
     deadline: float
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # What a batching loop needs to know besides `work` (which serves the serial loop).
+    request: GenerationRequest | None = None  # a generation
+    texts: list[str] | None = None  # an embedding
+    started: float = 0.0
 
     def emit(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
@@ -118,6 +124,7 @@ class ModelScheduler:
         self.backend: Backend | None = None
         self._loader = loader
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._capacity = 1  # sequences running at once (the batch engine's max_sequences)
         self._current: Job | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -143,7 +150,7 @@ class ModelScheduler:
 
     def _main(self) -> None:
         try:
-            self.backend = self._loader()
+            backend, engine = self._load()
         except Exception as exc:  # noqa: BLE001 - reported through state and the log
             self.state = "failed"
             self.error = exc.message if isinstance(exc, LLMAPIError) else \
@@ -153,15 +160,29 @@ class ModelScheduler:
             self._loaded.set()
             self._drain("the model failed to load")
             return
+        self.backend = backend
+        self._capacity = engine.max_sequences if engine is not None else 1
         self.state = "ready"
         self._loaded.set()
         log.info("model %s is ready", self.name)
         try:
-            self._serve_jobs(self.backend)
+            if engine is None:
+                self._serve_jobs(backend)
+            else:
+                BatchLoop(self, backend, engine, _END).run()
         finally:
             self.state = "stopped"
             self._drain("the server is shutting down")
-            self.backend.close()
+            backend.close()
+
+    def _load(self) -> tuple[Backend, BatchEngine | None]:
+        """The backend and its batching engine (None: serve it serially), both ready."""
+        backend = self._loader()
+        try:
+            return backend, backend.batch_engine()
+        except BaseException:
+            backend.close()
+            raise
 
     def _drain(self, why: str) -> None:
         while True:
@@ -215,15 +236,17 @@ class ModelScheduler:
 
     # -- the request side ------------------------------------------------------------------
 
-    def _admit(self, work: Work) -> Job:
+    def _admit(self, work: Work, request: GenerationRequest | None = None,
+               texts: list[str] | None = None) -> Job:
         if self.state != "ready":
             if self.state == "loading":
                 raise ModelNotReady(f"Model '{self.name}' is still loading; retry shortly.")
             raise ModelNotReady(f"Model '{self.name}' is not available ({self.state}).")
         loop = asyncio.get_running_loop()
-        job = Job(work=work, loop=loop, deadline=loop.time() + self.request_timeout)
+        job = Job(work=work, loop=loop, deadline=loop.time() + self.request_timeout,
+                  request=request, texts=texts)
         with self._lock:
-            if self.stats.queued + self.stats.running > self.max_queue:
+            if self.stats.queued + self.stats.running > self.max_queue + self._capacity - 1:
                 raise Overloaded(
                     f"Model '{self.name}' is busy: {self.stats.queued} requests are waiting "
                     f"(max_queue={self.max_queue}). Retry later.", self._retry_after())
@@ -236,9 +259,10 @@ class ModelScheduler:
         average = self.stats.busy_seconds / done if done else 1.0
         return max(1, min(60, round(average * (self.stats.queued + 1))))
 
-    async def open_stream(self, work: Work) -> JobStream:
+    async def open_stream(self, work: Work, request: GenerationRequest | None = None,
+                          texts: list[str] | None = None) -> JobStream:
         """Admit `work` and wait for its first item, so errors before it are plain errors."""
-        job = self._admit(work)
+        job = self._admit(work, request, texts)
         try:
             first = await job.next()
         except BaseException:
@@ -250,10 +274,15 @@ class ModelScheduler:
 
     async def generate(self, request: GenerationRequest) -> JobStream:
         """Stream a generation; returns once the prompt was accepted (first chunk)."""
-        return await self.open_stream(lambda backend: backend.generate(request))
+        return await self.open_stream(lambda backend: backend.generate(request), request=request)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        vectors: list[list[float]] = await self.call(lambda backend: backend.embed(texts))
+        def work(backend: Backend) -> Iterator[Any]:
+            yield backend.embed(texts)
+
+        stream = await self.open_stream(work, texts=texts)
+        stream.close()
+        vectors: list[list[float]] = stream.first
         return vectors
 
     async def call(self, fn: Callable[[Backend], Any]) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from backends.errors import CapabilityNotSupported
+from backends.errors import CapabilityNotSupported, LLMAPIError
 
 GENERATE = "generate"
 CHAT = "chat"
@@ -147,8 +147,45 @@ class Backend(abc.ABC):
     def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
         raise CapabilityNotSupported(f"Model family '{self.family}' has no chat template.")
 
+    def batch_engine(self) -> BatchEngine | None:
+        """The engine that decodes many sequences together, None to serve `generate` one
+        request at a time. Called once, in the engine thread, after `load`."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the engine's memory. Called once, in the engine thread."""
+
+
+class BatchEngine(abc.ABC):
+    """Many sequences decoded together on the model's engine thread; the scheduler drives it.
+
+    All methods are called from the engine thread only. A sequence is known by the `key` the
+    scheduler gave it in `admit` until a chunk with `finish_reason`, an error, or `cancel`
+    retires it.
+    """
+
+    #: Admission bound: sequences decoded together (e.g. model_params.parallel).
+    max_sequences: int = 1
+
+    @abc.abstractmethod
+    def admit(self, key: int, request: GenerationRequest) -> Chunk:
+        """Validate (raise LLMAPIError subclasses, e.g. ContextLengthExceeded with the
+        per-sequence limit), tokenize and queue the prompt. Returns the "accepted" chunk
+        (prompt_tokens set), exactly like `Backend.generate`'s first chunk."""
+
+    @abc.abstractmethod
+    def step(self) -> list[tuple[int, Chunk | LLMAPIError]]:
+        """One decode step for every running sequence (plus capped prompt chunks of new
+        ones). Returns the chunks produced, in order; a chunk with `finish_reason` retires its
+        sequence, an LLMAPIError retires that sequence only."""
+
+    @abc.abstractmethod
+    def cancel(self, key: int) -> None:
+        """Retire the sequence now and free its slot (its KV cells are removed)."""
+
+    @abc.abstractmethod
+    def active(self) -> int:
+        """Sequences admitted and not retired."""
 
 
 class AlgorithmBackend(Backend):

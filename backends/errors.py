@@ -28,10 +28,12 @@ class ContextLengthExceeded(InvalidRequest):
     """Prompt tokens plus requested completion tokens do not fit the model's context."""
 
     def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int,
-                 param: str = "prompt") -> None:
+                 param: str = "prompt", sequences: int = 1) -> None:
         total = prompt_tokens + max_tokens
+        holds = f"This model's context holds {context_length} tokens" + (
+            f" per sequence ({sequences} sequences run in parallel)" if sequences > 1 else "")
         super().__init__(
-            f"This model's context holds {context_length} tokens, but the request needs "
+            f"{holds}, but the request needs "
             f"{total} ({prompt_tokens} in the prompt + {max_tokens} for the completion). "
             "Shorten the prompt or lower max_tokens.",
             param=param,

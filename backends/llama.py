@@ -10,7 +10,7 @@ import ctypes
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,7 @@ from backends.base import (
     LOGPROBS,
     TOKENIZE,
     Backend,
+    BatchEngine,
     Chunk,
     GenerationRequest,
     ModelParams,
@@ -40,6 +41,8 @@ from backends.text import StopMatcher, Utf8Stream
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
+    from backends.llama_batch import LlamaBatchEngine
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +58,15 @@ class LlamaParams(ModelParams):
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens per decode call.")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")
     main_gpu: int = Field(0, ge=0, description="GPU used for the model when not split.")
-    flash_attn: bool = Field(False, description="Use flash attention.")
+    flash_attn: bool | Literal["auto"] = Field(
+        "auto", description="Flash attention: true, false or auto (llama.cpp decides; the "
+        "serial context of logprobs-free direct calls uses it only when true).")
+    parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together (continuous "
+                          "batching). Each gets its own n_ctx tokens: the KV cache holds "
+                          "n_ctx x parallel cells.")
+    prompt_chunk: int = Field(256, ge=1, le=65_536, description="Prompt tokens fed per "
+                              "batched decode step, so a long prompt never stalls running "
+                              "streams for long.")
     use_mmap: bool = Field(True, description="Map the file instead of reading it.")
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "
@@ -78,6 +89,8 @@ class LlamaBackend(Backend):
         self._params = params
         self._path = path
         self._embedder: Llama | None = None
+        self._engine: LlamaBatchEngine | None = None
+        self._n_ctx = int(llm.n_ctx())  # read once: /ready may ask while the engine closes
         self._vocab = llm._model.vocab
         self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
@@ -104,8 +117,10 @@ class LlamaBackend(Backend):
 
     @staticmethod
     def _engine_kwargs(params: LlamaParams) -> dict[str, Any]:
-        return params.model_dump(exclude={"chat_template", "embeddings",
-                                          "normalize_embeddings"})
+        kwargs = params.model_dump(exclude={"chat_template", "embeddings",
+                                            "normalize_embeddings", "parallel", "prompt_chunk"})
+        kwargs["flash_attn"] = params.flash_attn is True
+        return kwargs
 
     def _formatter(self, template: str) -> Any:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -118,7 +133,10 @@ class LlamaBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return int(self._llm.n_ctx())
+        """Tokens one request may use: the batching engine's per-sequence cells once it runs."""
+        if self._engine is not None:
+            return self._engine.context_length
+        return self._n_ctx
 
     # -- text ------------------------------------------------------------------------------
 
@@ -148,13 +166,31 @@ class LlamaBackend(Backend):
         prompt: str = self._chat(messages=list(messages)).prompt
         return prompt
 
-    def _piece(self, token: int) -> bytes:
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
+
+    @property
+    def model_pointer(self) -> Any:
+        return self._llm._model.model
+
+    def batch_engine(self) -> BatchEngine:
+        """The continuous-batching engine (one context of `parallel` sequences)."""
+        if self._engine is None:
+            from backends.llama_batch import LlamaBatchEngine
+
+            p = self._params
+            self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.flash_attn,
+                                            p.n_threads, p.n_threads_batch)
+        return self._engine
+
+    def piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
             piece = self._pieces[token] = self._llm._model.token_to_piece(token).rstrip(b"\0")
         return piece
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             # The template writes the special tokens (BOS included) itself.
             prompt = self.apply_chat_template(request.messages)
@@ -176,7 +212,7 @@ class LlamaBackend(Backend):
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         params = request.params
-        tokens = self._prompt_tokens(request)
+        tokens = self.prompt_tokens(request)
         grammar = json_grammar(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
@@ -198,7 +234,7 @@ class LlamaBackend(Backend):
                 finish = "stop"
                 break
             count += 1
-            piece, hit_stop = stops.push(text.push(self._piece(token)))
+            piece, hit_stop = stops.push(text.push(self.piece(token)))
             scored = () if params.logprobs is None else (self._logprob(token, params.logprobs),)
             yield Chunk(text=piece, logprobs=scored)
             if hit_stop:
@@ -215,17 +251,21 @@ class LlamaBackend(Backend):
     def _logprob(self, token: int, top: int) -> TokenLogprob:
         """The sampled token's log-probability from the logits it was sampled from (the
         last row llama.cpp computed; the next decode runs only after the caller resumes)."""
+        return self.score(self._llm._ctx.get_logits_ith(-1), token, top)
+
+    def score(self, row: Any, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability in a row of logits, and the `top` likeliest tokens."""
         import numpy as np
 
         n_vocab = self._llm.n_vocab()
-        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        logits = np.ctypeslib.as_array(row, shape=(n_vocab,))
         peak = float(logits.max())
         logprobs = logits - (peak + float(np.log(np.exp(logits - peak).sum())))
         best = np.argpartition(-logprobs, top)[:top] if 0 < top < n_vocab else \
             np.arange(n_vocab if top else 0)
         best = best[np.argsort(-logprobs[best])]
-        return TokenLogprob(self._piece(token), float(logprobs[token]),
-                            tuple((self._piece(int(i)), float(logprobs[i])) for i in best))
+        return TokenLogprob(self.piece(token), float(logprobs[token]),
+                            tuple((self.piece(int(i)), float(logprobs[i])) for i in best))
 
     # -- embeddings ------------------------------------------------------------------------
 
@@ -256,6 +296,9 @@ class LlamaBackend(Backend):
         return self._embedder
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         for llm in (self._embedder, self._llm):
             if llm is not None:
                 llm.close()

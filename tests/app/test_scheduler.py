@@ -54,7 +54,7 @@ def test_disconnect_of_a_plain_generate_stops_the_engine(live_server: Any) -> No
 
 
 def test_queue_full_gives_503_with_retry_after(live_server: Any) -> None:
-    config = {"models": {"tiny": {**tiny_config(), "max_queue": 1}}}
+    config = {"models": {"tiny": {**tiny_config(parallel=1), "max_queue": 1}}}
     server = live_server(config)
     client = httpx.Client(base_url=server.url, timeout=120)
     running = client.stream("POST", "/agenerate", json=LONG)
@@ -112,7 +112,7 @@ def test_ready_is_503_until_the_model_has_loaded(live_server: Any) -> None:
 
 
 def test_each_model_has_its_own_engine_and_queue(live_server: Any) -> None:
-    config = {"models": {"tiny": {**tiny_config(), "max_queue": 0},
+    config = {"models": {"tiny": {**tiny_config(parallel=1), "max_queue": 0},
                          "rev": {"model_family": "reverse"}}}
     server = live_server(config)
     assert [m["name"] for m in server.client.get("/ready").json()["models"]] == ["tiny", "rev"]

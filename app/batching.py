@@ -1,0 +1,209 @@
+"""The engine thread's loop for backends that decode many sequences together.
+
+`ModelScheduler` runs this instead of its serial loop when the backend offers a
+`BatchEngine`. Each turn: take what was queued (generation jobs wait for a free sequence,
+other work runs at once, embedding jobs that arrived together go into one bounded
+`embed` call), retire cancelled or timed-out sequences, admit waiting generations while
+the engine has room, then run one decode step and route its chunks to their jobs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import time
+from typing import TYPE_CHECKING
+
+from app.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
+from backends.base import Backend, BatchEngine, Chunk
+from backends.errors import LLMAPIError
+
+if TYPE_CHECKING:
+    from app.scheduler import Job, ModelScheduler
+
+log = logging.getLogger(__name__)
+
+#: Texts embedded together at most, across coalesced /embeddings requests.
+EMBED_BATCH = 64
+
+
+class BatchLoop:
+    """Drives one model's BatchEngine; every method runs on the engine thread."""
+
+    def __init__(self, scheduler: ModelScheduler, backend: Backend, engine: BatchEngine,
+                 end: object) -> None:
+        self.s = scheduler
+        self.backend = backend
+        self.engine = engine
+        self.end = end
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: dict[int, Job] = {}
+        self._next_key = 0
+
+    def run(self) -> None:
+        try:
+            while not self.s._stopping.is_set():
+                if not self._take_jobs():
+                    break
+                self._retire_cancelled()
+                self._admit_waiting()
+                if self.running:
+                    self._step()
+        finally:
+            self._shut_down()
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def _take_jobs(self) -> bool:
+        """Move queued jobs to `waiting` or run them; False once the scheduler stops."""
+        idle = not self.running and not self.waiting
+        others: list[Job] = []
+        while True:
+            try:
+                job = self.s._jobs.get(block=idle and not others)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
+            idle = False
+            if job.request is not None:
+                self.waiting.append(job)
+            else:
+                others.append(job)
+        embeds = [j for j in others if j.texts is not None]
+        for job in others:
+            if job.texts is None:
+                self._run_other(job)
+        if embeds:
+            self._embed(embeds)
+        return True
+
+    def _begin(self, job: Job) -> bool:
+        """Count a job out of the queue; False (and answered) when it was cancelled."""
+        with self.s._lock:
+            self.s.stats.queued -= 1
+            if job.cancelled.is_set():
+                self.s.stats.cancelled += 1
+                job.emit(ClientDisconnected("The request was cancelled before it ran."))
+                return False
+            self.s.stats.running += 1
+            return True
+
+    def _finish(self, outcome: str, started: float) -> None:
+        with self.s._lock:
+            self.s.stats.running -= 1
+            self.s.stats.busy_seconds += time.monotonic() - started
+            setattr(self.s.stats, outcome, getattr(self.s.stats, outcome) + 1)
+
+    def _run_other(self, job: Job) -> None:
+        if self._begin(job):
+            started = time.monotonic()
+            self._finish(self.s._run(job, self.backend), started)
+
+    def _embed(self, jobs: list[Job]) -> None:
+        """Embed jobs together in bounded groups; a group that fails is retried job by job,
+        so each request gets its own error (with its own `param`)."""
+        live = [job for job in jobs if self._begin(job)]
+        group: list[Job] = []
+        for job in live:
+            assert job.texts is not None
+            if group and sum(len(j.texts or ()) for j in group) + len(job.texts) > EMBED_BATCH:
+                self._embed_group(group)
+                group = []
+            group.append(job)
+        if group:
+            self._embed_group(group)
+
+    def _embed_group(self, group: list[Job]) -> None:
+        started = time.monotonic()
+        texts = [text for job in group for text in job.texts or ()]
+        try:
+            vectors = self.backend.embed(texts) if len(group) > 1 else None
+        except Exception:  # noqa: BLE001 - each job is retried alone for its own answer
+            vectors = None
+        if vectors is None:
+            for job in group:
+                self._finish(self.s._run(job, self.backend), started)
+            return
+        at = 0
+        for job in group:
+            n = len(job.texts or ())
+            job.emit(vectors[at:at + n])
+            job.emit(self.end)
+            at += n
+            self._finish("completed", started)
+
+    # -- sequences -------------------------------------------------------------------------
+
+    def _retire_cancelled(self) -> None:
+        now = time.monotonic()
+        for key, job in list(self.running.items()):
+            if job.cancelled.is_set() or now > job.deadline:
+                self.engine.cancel(key)
+                del self.running[key]
+                why = "was cancelled" if job.cancelled.is_set() else \
+                    "took longer than the server's request_timeout and was cancelled"
+                error = ClientDisconnected if job.cancelled.is_set() else RequestTimeout
+                job.emit(error(f"The request {why}."))
+                self._finish("cancelled", job.started)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and self.engine.active() < self.engine.max_sequences:
+            job = self.waiting.popleft()
+            if not self._begin(job):
+                continue
+            job.started = time.monotonic()
+            key, self._next_key = self._next_key, self._next_key + 1
+            assert job.request is not None
+            try:
+                accepted = self.engine.admit(key, job.request)
+            except Exception as exc:  # noqa: BLE001 - becomes the client's error
+                job.emit(as_domain_error(exc))
+                self._finish("failed", job.started)
+                continue
+            self.running[key] = job
+            job.emit(accepted)
+
+    def _step(self) -> None:
+        try:
+            produced = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - the whole step failed: fail its sequences
+            error = as_domain_error(exc)
+            for key, job in list(self.running.items()):
+                self.engine.cancel(key)
+                job.emit(error)
+                self._finish("failed", job.started)
+            self.running.clear()
+            return
+        for key, item in produced:
+            owner = self.running.get(key)
+            if owner is None:
+                continue
+            if isinstance(item, LLMAPIError):
+                del self.running[key]
+                owner.emit(item)
+                self._finish("failed", owner.started)
+                continue
+            self._route(key, owner, item)
+
+    def _route(self, key: int, job: Job, chunk: Chunk) -> None:
+        if chunk.finish_reason is None and chunk.prompt_tokens is None:
+            self.s.stats.tokens_generated += 1
+        job.emit(chunk)
+        if chunk.finish_reason is not None:
+            del self.running[key]
+            job.emit(self.end)
+            self._finish("completed", job.started)
+
+    def _shut_down(self) -> None:
+        for key, job in list(self.running.items()):
+            self.engine.cancel(key)
+            job.emit(ModelNotReady(f"Model '{self.s.name}' is shutting down."))
+            self._finish("cancelled", job.started)
+        self.running.clear()
+        while self.waiting:
+            job = self.waiting.popleft()
+            with self.s._lock:
+                self.s.stats.queued -= 1
+            job.emit(ModelNotReady(f"Model '{self.s.name}' is shutting down."))

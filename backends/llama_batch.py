@@ -1,0 +1,268 @@
+"""Continuous batching over llama.cpp's C API: many sequences, one `llama_decode` per step.
+
+One `llama_context` holds `parallel` sequences (`n_seq_max`), each with its own
+`context_length` cells (the KV cache is not unified: the context has context_length x parallel
+cells, so one sequence can never starve another). Each step builds one `llama_batch` ordered
+by sequence id (llama.cpp groups consecutive ids) with the next token of every running
+sequence plus prompt tokens of newly admitted ones, capped at `prompt_chunk` per step so a long
+prompt cannot stall the running streams. Every request samples with its own sampler chain
+(grammar, penalties, top-k/top-p/min-p/temperature and a seeded dist, or greedy).
+
+A sequence gets the free slot whose cached tokens share the longest prefix with its prompt
+(the cells after the first mismatch are removed), else the lowest free slot. A finished
+sequence's cells stay with its slot for that reuse; a cancelled one's are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from backends.base import BatchEngine, Chunk, GenerationRequest, TokenLogprob
+from backends.errors import BackendFailure, ContextLengthExceeded, ModelLoadError
+from backends.grammar import json_grammar
+from backends.text import StopMatcher, Utf8Stream
+
+if TYPE_CHECKING:
+    from backends.llama import LlamaBackend
+
+log = logging.getLogger(__name__)
+
+PENALTY_LAST_N = 64
+
+
+@dataclass
+class Sequence:
+    key: int
+    prompt: int  # prompt tokens
+    max_tokens: int
+    sampler: Any
+    stops: StopMatcher
+    logprobs: int | None
+    todo: list[int]  # tokens to feed next (the prompt's rest, then the last sampled one)
+    text: Utf8Stream = field(default_factory=Utf8Stream)
+    count: int = 0
+    row: int = -1  # batch row of this step's output, -1: none
+    early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
+
+
+@dataclass
+class Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose cells the KV cache holds
+    seq: Sequence | None = None
+
+
+class LlamaBatchEngine(BatchEngine):
+    """A `BatchEngine` over a loaded LlamaBackend's model (its own context)."""
+
+    def __init__(self, backend: LlamaBackend, parallel: int, prompt_chunk: int,
+                 flash_attn: bool | str, n_threads: int | None,
+                 n_threads_batch: int | None) -> None:
+        import llama_cpp as lib
+
+        self._lib = lib
+        self._backend = backend
+        self.max_sequences = parallel
+        self.prompt_chunk = prompt_chunk
+        self.context_length = backend.context_length
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.context_length * parallel
+        params.n_seq_max = parallel
+        params.n_batch = params.n_ubatch = prompt_chunk + parallel
+        if n_threads:
+            params.n_threads = n_threads
+            params.n_threads_batch = n_threads_batch or n_threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn == "auto" else \
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = lib.llama_init_from_model(backend.model_pointer, params)
+        if not self._ctx:
+            raise ModelLoadError("llama.cpp could not create the batching context "
+                                 f"({parallel} sequences x {self.context_length} tokens)")
+        self.context_length = min(self.context_length, int(lib.llama_n_ctx_seq(self._ctx)))
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
+        self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
+        self.slots = [Slot(i) for i in range(parallel)]
+        self._by_key: dict[int, Slot] = {}
+        self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self, key: int, request: GenerationRequest) -> Chunk:
+        params = request.params
+        tokens = self._backend.prompt_tokens(request)
+        grammar = json_grammar(params)
+        room = self.context_length - len(tokens)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room <= 0:
+            raise ContextLengthExceeded(
+                prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
+                context_length=self.context_length, sequences=self.max_sequences)
+        slot = self._pick_slot(tokens)
+        reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        self._lib.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
+        del slot.cached[reuse:]
+        self.reused_tokens += reuse
+        seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
+                       sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
+                       logprobs=params.logprobs, todo=tokens[reuse:])
+        if params.echo and request.prompt:
+            seq.early.append(Chunk(text=request.prompt))
+        slot.seq = seq
+        self._by_key[key] = slot
+        return Chunk(prompt_tokens=len(tokens))
+
+    def _pick_slot(self, tokens: list[int]) -> Slot:
+        free = [slot for slot in self.slots if slot.seq is None]
+        best = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.id))
+        return best if _common_prefix(best.cached, tokens) > 0 else free[0]
+
+    def _sampler(self, params: Any, grammar: Any) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(chain, sampler)
+
+        if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            add(lib.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty,
+                                                 params.frequency_penalty,
+                                                 params.presence_penalty))
+        if grammar is not None:
+            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
+                                               grammar._root.encode()))
+        if params.temperature <= 0:
+            add(lib.llama_sampler_init_greedy())
+            return chain
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        add(lib.llama_sampler_init_top_k(params.top_k))
+        add(lib.llama_sampler_init_top_p(params.top_p, 1))
+        add(lib.llama_sampler_init_min_p(params.min_p, 1))
+        add(lib.llama_sampler_init_temp(params.temperature))
+        add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # -- stepping --------------------------------------------------------------------------
+
+    def active(self) -> int:
+        return len(self._by_key)
+
+    def step(self) -> list[tuple[int, Chunk | Any]]:
+        out: list[tuple[int, Chunk | Any]] = []
+        running = [s for s in self.slots if s.seq is not None]
+        for slot in running:
+            assert slot.seq is not None
+            out.extend((slot.seq.key, chunk) for chunk in slot.seq.early)
+            slot.seq.early.clear()
+        if self._fill(running):
+            status = self._lib.llama_decode(self._ctx, self._batch)
+            if status != 0:
+                log.error("llama_decode failed with status %s", status)
+                raise BackendFailure()
+        for slot in running:
+            seq = slot.seq
+            if seq is not None and seq.row >= 0:
+                out.extend((seq.key, chunk) for chunk in self._sample(slot, seq))
+        return out
+
+    def _fill(self, running: list[Slot]) -> int:
+        """Put this step's tokens into the batch, by slot id; returns how many."""
+        batch, n, budget = self._batch, 0, self.prompt_chunk
+        for slot in running:  # the slots list is in id order
+            seq = slot.seq
+            assert seq is not None
+            seq.row = -1
+            take = len(seq.todo) if seq.count else min(len(seq.todo), budget)
+            if seq.count == 0:
+                budget -= take
+            for token in seq.todo[:take]:
+                batch.token[n] = token
+                batch.pos[n] = len(slot.cached)
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.id
+                batch.logits[n] = False
+                slot.cached.append(token)
+                n += 1
+            del seq.todo[:take]
+            if take and not seq.todo:
+                batch.logits[n - 1] = True
+                seq.row = n - 1
+        batch.n_tokens = n
+        return n
+
+    def _sample(self, slot: Slot, seq: Sequence) -> list[Chunk]:
+        lib = self._lib
+        token = lib.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
+        if lib.llama_vocab_is_eog(self._backend.vocab, token):
+            return self._retire(slot, seq, "stop")
+        seq.count += 1
+        piece = self._backend.piece(token)
+        text, hit_stop = seq.stops.push(seq.text.push(piece))
+        scored = () if seq.logprobs is None else (self._logprob(seq.row, token, seq.logprobs),)
+        chunks = [Chunk(text=text, logprobs=scored)]
+        if hit_stop:
+            return chunks + self._retire(slot, seq, "stop", flush=False)
+        if seq.count >= seq.max_tokens:
+            return chunks + self._retire(slot, seq, "length")
+        seq.todo = [token]
+        return chunks
+
+    def _logprob(self, row: int, token: int, top: int) -> TokenLogprob:
+        logits = self._lib.llama_get_logits_ith(self._ctx, row)
+        return self._backend.score(logits, token, top)
+
+    def _retire(self, slot: Slot, seq: Sequence, finish: str,
+                flush: bool = True) -> list[Chunk]:
+        chunks = []
+        if flush:
+            tail, _ = seq.stops.push(seq.text.flush())
+            if tail := tail + seq.stops.flush():
+                chunks.append(Chunk(text=tail))
+        chunks.append(Chunk(finish_reason=finish, prompt_tokens=seq.prompt,
+                            completion_tokens=seq.count))
+        self._free(slot, keep_cache=True)
+        return chunks
+
+    def cancel(self, key: int) -> None:
+        slot = self._by_key.get(key)
+        if slot is not None:
+            self._free(slot, keep_cache=False)
+
+    def _free(self, slot: Slot, keep_cache: bool) -> None:
+        seq = slot.seq
+        assert seq is not None
+        self._lib.llama_sampler_free(seq.sampler)
+        del self._by_key[seq.key]
+        slot.seq = None
+        if not keep_cache:
+            self._lib.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+            slot.cached.clear()
+
+    # -- inspection and teardown -----------------------------------------------------------
+
+    def kv_positions(self) -> list[tuple[int, int]]:
+        """Per slot: (the KV cache's highest position of its sequence, cached tokens - 1);
+        equal pairs mean the cache holds exactly what the slot believes (-1: empty)."""
+        return [(int(self._lib.llama_memory_seq_pos_max(self._mem, s.id)), len(s.cached) - 1)
+                for s in self.slots]
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.seq is not None:
+                self._free(slot, keep_cache=False)
+        if self._ctx:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
