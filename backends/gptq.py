@@ -30,6 +30,12 @@ class GPTQParams(HFParams):
                                               "checkpoint must have (checked, not applied).")
     group_size: int | None = Field(None, ge=-1, le=65_536, description="Legacy: quantization "
                                    "group size the checkpoint must have (checked).")
+    # GPTQ models compute in bfloat16/float16, where the attention's rounding depends on the
+    # batch's padded length: a batched greedy text may then differ from the same request run
+    # alone. Serial by default; parallel > 1 opts into batching for throughput.
+    parallel: int = Field(1, ge=1, le=256, description="Requests decoded together; default 1 "
+                          "(serial): in half precision a batched text may differ from a lone "
+                          "run's.")
 
 
 def quantize_config(folder: Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from backends.base import (
     GENERATE,
     TOKENIZE,
     Backend,
+    BatchEngine,
     Chunk,
     GenerationRequest,
     ModelParams,
@@ -60,6 +61,8 @@ class HFParams(ModelParams):
                                       "template overriding the tokenizer's.")
     normalize_embeddings: bool | None = Field(None, description="L2-normalise vectors; "
                                               "default: yes, or the embedding model's choice.")
+    parallel: int = Field(4, ge=1, le=256, description="Requests decoded together in one "
+                          "batch (continuous batching); 1 = one request at a time.")
 
 
 class HFBackend(Backend):
@@ -230,25 +233,47 @@ class HFBackend(Backend):
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        from backends.hfgen import text_chunks
-
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The prompt's token ids and the completion's token budget, checked against the
+        context (shared by the serial and the batched path)."""
         if self._task == "embedding":
             raise CapabilityNotSupported("This is an embedding model (setup_params.task: "
                                          "embedding); it does not generate text.")
-        params = request.params
         tokens = self._prompt_tokens(request)
         room = self.context_length - len(tokens)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        wanted = request.params.max_tokens
+        max_tokens = wanted if wanted is not None else room
         if max_tokens > room or room <= 0:
             raise ContextLengthExceeded(prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
                                         context_length=self.context_length)
+        return tokens, max_tokens
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        from backends.hfgen import text_chunks
+
+        params = request.params
+        tokens, max_tokens = self._prepare(request)
         yield Chunk(prompt_tokens=len(tokens))
         if params.echo and request.prompt:
             yield Chunk(text=request.prompt)
         assert self._loop is not None
         yield from text_chunks(self._loop.tokens(tokens, params, max_tokens), self._decode,
                                tokens, params, max_tokens)
+
+    def batch_engine(self) -> BatchEngine | None:
+        """Continuous batching (model_params.parallel > 1) for models whose KV cache can be
+        padded and joined; others, and embedding models, are served one request at a time."""
+        if self._task == "embedding" or self._params.parallel <= 1 or self._loop is None:
+            return None
+        from backends.hfbatch import HFBatchEngine
+
+        keep_one = self._loop.keeps_one
+        if not HFBatchEngine.supports(self._model, keep_one):
+            log.info("model %s: its KV cache cannot be batched; serving one request at a "
+                     "time", type(self._model).__name__)
+            return None
+        return HFBatchEngine(self._model, self._loop.eos_ids, self._decode, self._prepare,
+                             self._params.parallel, keep_one)
 
     # -- embeddings ------------------------------------------------------------------------
 

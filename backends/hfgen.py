@@ -82,7 +82,7 @@ class TokenLoop:
         self.model = model
         self.eos_ids = eos_ids
         # logits of the last position only (not of every prompt token), where supported
-        self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def tokens(self, prompt: list[int], params: GenerationParams,
                max_tokens: int) -> Iterator[int]:
@@ -112,7 +112,7 @@ class TokenLoop:
 
     def _forward(self, ids: torch.Tensor, past: Any) -> Any:
         kwargs: dict[str, Any] = {"input_ids": ids, "past_key_values": past, "use_cache": True}
-        if self._keep_one:
+        if self.keeps_one:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs)
 
