@@ -14,8 +14,11 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-
 
 
 def build(path: Path, *, hidden: int = 768, layers: int = 12, heads: int = 12,
-          kv_heads: int = 4, ffn: int = 2560, seed: int = 0) -> Path:
-    """Write the model to `path` unless it exists; return the path."""
+          kv_heads: int = 4, ffn: int = 2560, seed: int = 0,
+          never_special: bool = False) -> Path:
+    """Write the model to `path` unless it exists; return the path. `never_special` zeroes
+    the output rows of BOS/EOS/UNK: their logit is 0 while the largest of ~1k random logits is
+    well above, so greedy decoding never ends early (every request runs to max_tokens)."""
     import gguf
 
     if path.is_file():
@@ -49,8 +52,13 @@ def build(path: Path, *, hidden: int = 768, layers: int = 12, heads: int = 12,
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
 
-    def matrix(name: str, rows: int, cols: int) -> None:
+    specials = [int(reader.fields[f"tokenizer.ggml.{key}"].contents())
+                for key in ("bos_token_id", "eos_token_id", "unknown_token_id")
+                if never_special and f"tokenizer.ggml.{key}" in reader.fields]
+
+    def matrix(name: str, rows: int, cols: int, zero_rows: list[int] | None = None) -> None:
         data = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
+        data[zero_rows or []] = 0.0
         quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
         writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
@@ -69,7 +77,7 @@ def build(path: Path, *, hidden: int = 768, layers: int = 12, heads: int = 12,
         matrix(f"blk.{i}.ffn_up.weight", ffn, hidden)
         matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
     norm("output_norm.weight")
-    matrix("output.weight", vocab, hidden)
+    matrix("output.weight", vocab, hidden, specials)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,270 @@
+"""Side-by-side serving benchmark: llm-api vs C++ llama-server vs llama-cpp-python's server.
+
+    bench/build_llama_server.sh      # once: C++ llama-server into bench/.cache (minutes)
+    bench/setup_bench_venv.sh        # once: llama-cpp-python[server] + matplotlib, bench venv
+    .venv/bin/python bench/serving.py [--rounds 3] [--quick] [--dry-run] [--skip-hf]
+
+One run, the same random-weight ~91M-parameter Q8_0 GGUF (bench/randmodel.py, with BOS/EOS
+never sampled so every request runs to max_tokens), the same threads and per-sequence context,
+greedy, unique prompts (a random prefix each). The systems are started and stopped in
+alternating rounds (the order rotates); medians (and min-max spread) over the rounds. All speak
+OpenAI `/v1/completions` (`/v1/chat/completions` for the chat case) with streaming.
+Transformers: llm-api (huggingface family) with 8 concurrent requests over HTTP vs in-process
+`generate_batch` vs 8 sequential `generate` calls (bench/serving_hf.py).
+Prints markdown tables with ratios (llm-api ÷ each baseline) and the issue's targets, writes
+the raw numbers as JSON and a PNG of aggregate tokens/s vs concurrency (bench/.cache/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from randmodel import build  # noqa: E402
+from serving_client import Stream, stream, together, unique_prefix  # noqa: E402
+from serving_hf import run_hf  # noqa: E402
+from serving_report import hf_table, llama_table  # noqa: E402
+from serving_systems import (  # noqa: E402
+    BENCH,
+    BENCH_PYTHON,
+    CACHE,
+    Running,
+    Settings,
+    llama_knows_parallel,
+    start_llama_cpp_python,
+    start_llama_server,
+    start_llm_api,
+)
+
+OURS, CPP, LCP = "llm-api", "llama-server", "llama-cpp-python"
+STARTERS: dict[str, Callable[[Settings], Running]] = {
+    OURS: start_llm_api, CPP: start_llama_server, LCP: start_llama_cpp_python}
+TEXT = "the quick brown fox jumps over the lazy dog and then"
+Metrics = dict[str, float]
+
+
+class Plan:
+    """Sizes of every case; --quick shrinks them for a smoke run."""
+
+    def __init__(self, quick: bool) -> None:
+        self.single = (32, 64) if quick else (128, 512)
+        self.sweep = (1, 2, 8) if quick else (1, 2, 4, 8, 16)
+        self.sweep_tokens = 16 if quick else 96
+        self.stagger = (8, 16 if quick else 96, 0.2)  # streams, tokens, gap (s)
+        self.chat = (40 if quick else 120, 16 if quick else 64, 8)  # words, turn-1, turn-2 tokens
+
+    def describe(self) -> str:
+        streams, tokens, gap = self.stagger
+        return (f"single stream x {self.single[0]} and x {self.single[1]} tokens; "
+                f"concurrency sweep {', '.join(map(str, self.sweep))} streams x "
+                f"{self.sweep_tokens} tokens together; {streams} streams x {tokens} tokens "
+                f"arriving {gap} s apart; 2-turn chat (turn-1 user message ~{self.chat[0]} words,"
+                f" {self.chat[1]} tokens; time to first token of turn 2)")
+
+
+def completion(rng: random.Random, tokens: int) -> dict[str, Any]:
+    return {"model": "bench", "prompt": f"{unique_prefix(rng)} {TEXT}", "max_tokens": tokens,
+            "temperature": 0}
+
+
+def _check(streams: list[Stream], tokens: int) -> int:
+    total = sum(s.tokens for s in streams)
+    short = [s.tokens for s in streams if s.tokens != tokens]
+    if short:
+        print(f"  note: {len(short)} stream(s) ended early ({short[:4]} of {tokens} tokens)",
+              file=sys.stderr)
+    return total
+
+
+def case_single(port: int, rng: random.Random, tokens: int) -> Metrics:
+    result = stream(port, "/v1/completions", completion(rng, tokens))
+    if result.error:
+        raise RuntimeError(result.error)
+    count = _check([result], tokens)
+    return {f"1x{tokens} tok/s": count / (result.end - result.start),
+            f"1x{tokens} TTFT s": result.ttft}
+
+
+def case_together(port: int, rng: random.Random, n: int, tokens: int,
+                  gap: float = 0.0) -> tuple[float, list[Stream]]:
+    bodies = [completion(rng, tokens) for _ in range(n)]
+    streams, wall = together(port, "/v1/completions", bodies, gap)
+    return _check(streams, tokens) / wall, streams
+
+
+def case_chat(port: int, rng: random.Random, words: int, first: int, second: int) -> Metrics:
+    """Time to first token of a chat's second turn (the first turn's prompt is long)."""
+    user = f"{unique_prefix(rng, words)} {TEXT}"
+    messages = [{"role": "user", "content": user}]
+    turn1 = stream(port, "/v1/chat/completions", {"model": "bench", "messages": messages,
+                                                  "max_tokens": first, "temperature": 0})
+    if turn1.error:
+        raise RuntimeError(turn1.error)
+    messages += [{"role": "assistant", "content": "".join(turn1.text)},
+                 {"role": "user", "content": "and then what happened?"}]
+    turn2 = stream(port, "/v1/chat/completions", {"model": "bench", "messages": messages,
+                                                  "max_tokens": second, "temperature": 0})
+    if turn2.error:
+        raise RuntimeError(turn2.error)
+    return {"chat turn-1 TTFT s": turn1.ttft, "chat turn-2 TTFT s": turn2.ttft}
+
+
+def run_cases(port: int, plan: Plan, rng: random.Random) -> Metrics:
+    metrics: Metrics = {}
+    for tokens in plan.single:
+        metrics.update(case_single(port, rng, tokens))
+    for n in plan.sweep:
+        metrics[f"sweep {n} tok/s"], _ = case_together(port, rng, n, plan.sweep_tokens)
+    n, tokens, gap = plan.stagger
+    rate, streams = case_together(port, rng, n, tokens, gap)
+    metrics[f"{n}x{tokens} staggered tok/s"] = rate
+    metrics[f"{n}x{tokens} staggered TTFT p50 s"] = statistics.median(s.ttft for s in streams)
+    metrics.update(case_chat(port, rng, *plan.chat))
+    return metrics
+
+
+def one_system(name: str, settings: Settings, plan: Plan, seed: int) -> Metrics:
+    began = time.perf_counter()
+    running = STARTERS[name](settings)
+    try:
+        stream(running.port, "/v1/completions", completion(random.Random(-1), 8))  # warm up
+        metrics = run_cases(running.port, plan, random.Random(seed))
+    finally:
+        running.stop()
+    print(f"  {name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    return metrics
+
+
+def run_llama(args: argparse.Namespace, plan: Plan, model: Path, workdir: Path,
+              results: dict[str, dict[str, list[float]]], save: Callable[[], None]) -> None:
+    extra = {"parallel": args.parallel} if llama_knows_parallel() else {}
+    settings = Settings(model, args.threads, args.parallel, args.n_ctx, workdir, extra)
+    results.update({name: {} for name in args.systems})
+    for r in range(args.rounds):
+        order = args.systems[r % len(args.systems):] + args.systems[:r % len(args.systems)]
+        print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
+        for name in order:
+            for key, value in one_system(name, settings, plan, seed=1000 * r).items():
+                results[name].setdefault(key, []).append(value)
+            save()  # partial results survive an interrupted run
+
+
+def plot(results_json: Path, png: Path) -> str:
+    if not BENCH_PYTHON.is_file():
+        return f"no plot: {BENCH_PYTHON} missing (bench/setup_bench_venv.sh)"
+    done = subprocess.run([str(BENCH_PYTHON), str(BENCH / "plot_serving.py"),
+                           str(results_json), str(png)], capture_output=True, text=True)
+    return f"plot: {png}" if done.returncode == 0 else f"plot failed: {done.stderr[-500:]}"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds "
+                        "(default 3; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
+    parser.add_argument("--parallel", type=int, default=8, help="llama-server slots and "
+                        "llm-api model_params.parallel")
+    parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence "
+                        "(llama-server gets n_ctx x parallel, split into its slots)")
+    parser.add_argument("--systems", default=f"{OURS},{CPP},{LCP}", help="comma-separated; "
+                        "'none': transformers rows only")
+    parser.add_argument("--skip-hf", action="store_true", help="no transformers rows")
+    parser.add_argument("--hf-tokens", type=int, default=None, help="tokens per request of "
+                        "the transformers rows (default 64; 16 with --quick)")
+    parser.add_argument("--out", type=Path, default=CACHE, help="where JSON and PNG go")
+    parser.add_argument("--report", type=Path, help="only print the tables (and plot) of a "
+                        "saved results JSON")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.hf_tokens = args.hf_tokens or (16 if args.quick else 64)
+    args.systems = [s for s in args.systems.split(",") if s and s != "none"]
+    unknown = set(args.systems) - set(STARTERS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(STARTERS)}")
+    return args
+
+
+def header(args: argparse.Namespace, plan: Plan) -> str:
+    parallel = (f"model_params.parallel={args.parallel}" if llama_knows_parallel() else
+                "serial (this llm-api has no model_params.parallel: one request at a time)")
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+            f"threads {args.threads}, per-sequence context {args.n_ctx}, medians of "
+            f"{args.rounds} alternating round(s) with (min–max); llama-server --parallel "
+            f"{args.parallel}; llm-api {parallel}.\nCases: {plan.describe()}.\n"
+            "Tokens: usage.completion_tokens of the stream (llama-server, llm-api) or "
+            "streamed chunks (llama-cpp-python, one per token); greedy, the model never samples "
+            "BOS/EOS, so every request runs to max_tokens.")
+
+
+def report(data: dict[str, Any], results_json: Path) -> None:
+    if data.get("llama"):
+        systems = list(data["llama"])
+        print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], systems))
+    if data.get("hf"):
+        print("\n## transformers (8 concurrent requests)\n\n" + hf_table(data["hf"]))
+    print(f"\nraw: {results_json}; {plot(results_json, results_json.with_suffix('.png'))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.report:
+        return report(json.loads(args.report.read_text()), args.report)
+    plan = Plan(args.quick)
+    print(header(args, plan), flush=True)
+    if args.dry_run:
+        print(f"systems: {', '.join(args.systems)}; transformers rows: {not args.skip_hf}")
+        return
+    model = gguf_model()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_json = args.out / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    data: dict[str, Any] = {"title": f"{model.name}, {args.threads} threads, "
+                            f"{args.rounds} round(s)", "header": header(args, plan)}
+
+    def save() -> None:
+        results_json.write_text(json.dumps(data, indent=1, default=str))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.systems:
+            data["llama"] = {}
+            run_llama(args, plan, model, Path(tmp), data["llama"], save)
+        if not args.skip_hf:
+            extra = {"parallel": args.parallel} if hf_knows_parallel() else {}
+            data["hf"] = run_hf(args.threads, args.rounds, 8, args.hf_tokens, Path(tmp), extra)
+    save()
+    report(data, results_json)
+
+
+def gguf_model() -> Path:
+    """The random GGUF (built once; with the bench venv's gguf if this venv has none)."""
+    path = CACHE / "rand-91m-q8_0-noeos.gguf"
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from randmodel import build; "
+                "from pathlib import Path; build(Path(sys.argv[2]), never_special=True)")
+        subprocess.run([str(BENCH_PYTHON), "-c", code, str(BENCH), str(path)], check=True)
+        return path
+    return build(path, never_special=True)
+
+
+def hf_knows_parallel() -> bool:
+    from backends.hf import HFParams
+
+    return "parallel" in HFParams.model_fields
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# A bench-only venv (bench/.cache/venv, git-ignored) holding llama-cpp-python's own server
+# (llama-cpp-python[server]) matplotlib for the plot and gguf for bench/randmodel.py — never the test venv. pip reuses the
+# llama-cpp-python wheel it cached when the project venv was installed (same portable flags).
+set -euo pipefail
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+VENV="$HERE/.cache/venv"
+[[ -x "$VENV/bin/python" ]] || "${PYTHON:-python3}" -m venv "$VENV"
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
+"$VENV/bin/python" -m pip install --quiet "llama-cpp-python[server]==$VERSION" matplotlib gguf
+echo "$VENV/bin/python"
