@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import serve_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny-llama-q8_0.gguf"
@@ -41,23 +43,7 @@ def serve(workdir: Path, port: int, auth: bool, store: str | None) -> subprocess
               "auth": {"enabled": auth, "admin_key": ADMIN}}
     if store:
         config["database_url"] = store
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    exe = Path(sys.executable).parent / "llm-api"
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(path), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("llm-api did not start")
-        time.sleep(0.2)
+    return serve_config(config, port, workdir)
 
 
 def new_key(port: int, limits: dict[str, int]) -> str:

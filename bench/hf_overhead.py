@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import PROMPT, ours  # noqa: E402
+from overhead import PROMPT, ours, serve_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
@@ -76,24 +75,9 @@ def baseline(model: Any, tokenizer: Any, tokens: int) -> float:
 
 
 def start_server(model: Path, threads: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    config = workdir / "config.yaml"
-    config.write_text(yaml.safe_dump({
+    return serve_config({
         "model_family": "huggingface", "setup_params": {"model_path": str(model)},
-        "model_params": {"device_map": "cpu", "n_threads": threads}}))
-    exe = Path(sys.executable).parent / "llm-api"
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(config), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("llm-api did not start")
-        time.sleep(0.2)
+        "model_params": {"device_map": "cpu", "n_threads": threads}}, port, workdir)
 
 
 def measure(model_dir: Path, threads: int, rounds: int, tokens: int,

@@ -67,13 +67,13 @@ def ours(client: httpx.Client, tokens: int) -> float:
     return count / elapsed
 
 
-def start_server(model: Path, threads: int, port: int, workdir: Path) -> subprocess.Popen:
-    config = workdir / "config.yaml"
-    config.write_text(yaml.safe_dump({"model_family": "llama",
-                                      "setup_params": {"model_path": str(model)},
-                                      "model_params": {"n_ctx": 1024, "n_threads": threads}}))
+def serve_config(config: dict, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """`llm-api serve` on `config` (written to workdir), once /ready answers 200."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).parent / "llm-api"
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(config), "--port", str(port)],
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(path), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
@@ -86,6 +86,11 @@ def start_server(model: Path, threads: int, port: int, workdir: Path) -> subproc
             proc.kill()
             raise SystemExit("llm-api did not start")
         time.sleep(0.2)
+
+
+def start_server(model: Path, threads: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    return serve_config({"model_family": "llama", "setup_params": {"model_path": str(model)},
+                         "model_params": {"n_ctx": 1024, "n_threads": threads}}, port, workdir)
 
 
 def measure(model: Path, threads: int, rounds: int, tokens: int, port: int) -> dict[str, float]:
