@@ -26,9 +26,14 @@ def free_port() -> int:
 
 def serve(tmp_path: Path, config: dict[str, object]) -> tuple[subprocess.Popen[str],
                                                                httpx.Client]:
-    """`llm-api serve` in a subprocess, once /ready says 200."""
+    """`llm-api serve` on `config` (auth off) in a subprocess, once /ready says 200."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(without_auth(config, tmp_path)))
+    return serve_file(path)
+
+
+def serve_file(path: Path) -> tuple[subprocess.Popen[str], httpx.Client]:
+    """`llm-api serve --config path` in a subprocess, once /ready says 200."""
     port = free_port()
     proc = subprocess.Popen([LLM_API, "serve", "--config", str(path), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.app.test_cli import LLM_API, free_port
+from tests.app.test_cli import serve_file
 from tests.auth.conftest import ADMIN_KEY, bearer, create_key, models_config
 from tests.conftest import LiveServer, assert_error
 
@@ -22,22 +21,7 @@ SECRET = re.compile(r"llmapi-[A-Za-z0-9_-]{43}")
 
 
 def start(config_path: Path) -> tuple[subprocess.Popen[str], httpx.Client]:
-    port = free_port()
-    proc = subprocess.Popen([LLM_API, "serve", "--config", str(config_path), "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if client.get("/ready").status_code == 200:
-                return proc, client
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.communicate()[0]}")
-        time.sleep(0.1)
+    return serve_file(config_path)
 
 
 def stop(proc: subprocess.Popen[str], client: httpx.Client) -> str:
