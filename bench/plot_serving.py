@@ -26,7 +26,7 @@ def main(source: str, target: str) -> None:
         ax.plot(xs, [statistics.median(v) for _, v in points], marker="o", label=system)
         ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.15)
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate completion tokens/s")
     ax.set_title(data.get("title", "serving benchmark"), fontsize=9)

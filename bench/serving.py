@@ -80,9 +80,9 @@ def completion(rng: random.Random, tokens: int) -> dict[str, Any]:
 
 def _check(streams: list[Stream], tokens: int) -> int:
     total = sum(s.tokens for s in streams)
-    short = [s.tokens for s in streams if s.tokens != tokens]
-    if short:
-        print(f"  note: {len(short)} stream(s) ended early ({short[:4]} of {tokens} tokens)",
+    off = [s.tokens for s in streams if s.tokens != tokens]
+    if off:  # a stream cut short, or (llama-cpp-python) chunks that are not one per token
+        print(f"  note: {len(off)} stream(s) counted {off[:4]} tokens, not {tokens}",
               file=sys.stderr)
     return total
 
