@@ -16,7 +16,7 @@ import uvicorn
 import yaml
 
 from app.main import create_app
-from app.settings import load_settings
+from app.settings import SettingsError, load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_GGUF = FIXTURES / "tiny-llama-q8_0.gguf"
@@ -165,3 +165,15 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
         assert word in error["message"], (word, error["message"])
     assert "Traceback" not in error["message"]
     return error
+
+
+def assert_bad_settings(tmp_path: Path, config: dict[str, Any],
+                        mentions: tuple[str, ...]) -> None:
+    """Loading `config` (one model's entry as a config file) fails with a SettingsError whose
+    message holds every word of `mentions`."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path)
+    for word in mentions:
+        assert word in str(err.value), (word, str(err.value))

@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.settings import SettingsError, load_settings
 from backends.base import CHAT, GenerationParams, GenerationRequest
 from backends.errors import ModelLoadError
 from backends.gptq import GPTQBackend, GPTQParams, check_quantization, quantize_config
@@ -26,7 +25,7 @@ from tests.backends.conftest import (
     first_piece_then_cancel,
     start_module_server,
 )
-from tests.conftest import LiveServer, assert_error, stream_events, wait_for
+from tests.conftest import LiveServer, assert_bad_settings, assert_error, stream_events, wait_for
 from tests.fakehub import FakeHub
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -154,15 +153,8 @@ def test_a_mismatching_checkpoint_fails_to_load_with_the_reason(live_server: Any
 ])
 def test_bad_settings_name_the_key_and_the_allowed_values(
         tmp_path: Path, model: dict[str, Any], mentions: tuple[str, ...]) -> None:
-    import yaml
-
     config = {"model_family": "gptq", "setup_params": {"repo_id": "a/b"}, **model}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SettingsError) as err:
-        load_settings(path)
-    for word in mentions:
-        assert word in str(err.value), (word, str(err.value))
+    assert_bad_settings(tmp_path, config, mentions)
 
 
 def test_generation_params_reach_the_quantized_model(server: LiveServer) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.settings import SettingsError, load_settings
+from app.settings import load_settings
 from backends.base import CHAT, EMBED, GENERATE, GenerationParams, GenerationRequest, ModelSpec
 from backends.errors import CapabilityNotSupported, ContextLengthExceeded, ModelLoadError
 from backends.hf import HFBackend, HFParams
@@ -31,7 +31,7 @@ from tests.backends.conftest import (
     start_module_server,
     without_chat_template,
 )
-from tests.conftest import LiveServer, assert_error, stream_events
+from tests.conftest import LiveServer, assert_bad_settings, assert_error, stream_events
 from tests.fakehub import FakeHub
 
 GREEDY = {"temperature": 0, "max_tokens": 24}
@@ -285,15 +285,8 @@ def test_an_embedding_model_matches_sentence_transformers(server: LiveServer) ->
 ])
 def test_bad_settings_name_the_key_and_the_allowed_values(
         tmp_path: Path, model: dict[str, Any], mentions: tuple[str, ...]) -> None:
-    import yaml
-
     config = {"model_family": "huggingface", "setup_params": {"repo_id": "a/b"}, **model}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SettingsError) as err:
-        load_settings(path)
-    for word in mentions:
-        assert word in str(err.value), (word, str(err.value))
+    assert_bad_settings(tmp_path, config, mentions)
 
 
 def test_a_local_directory_without_config_is_a_load_error(tmp_path: Path) -> None:
