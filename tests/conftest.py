@@ -177,3 +177,12 @@ def assert_bad_settings(tmp_path: Path, config: dict[str, Any],
         load_settings(path)
     for word in mentions:
         assert word in str(err.value), (word, str(err.value))
+
+
+def generate(server: LiveServer, prompt: str, model: str = "tiny", **params: Any) -> str:
+    """`/generate`'s text for `prompt` on `model` with `params` (asserting a 200)."""
+    response = server.client.post("/generate", json={"prompt": prompt, "model": model,
+                                                     "params": params})
+    assert response.status_code == 200, response.text
+    text: str = response.json()
+    return text

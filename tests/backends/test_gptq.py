@@ -26,6 +26,7 @@ from tests.backends.conftest import (
     start_module_server,
 )
 from tests.conftest import LiveServer, assert_bad_settings, assert_error, stream_events, wait_for
+from tests.conftest import generate as generate_text
 from tests.fakehub import FakeHub
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -56,11 +57,7 @@ def backend_of(server: LiveServer, name: str) -> GPTQBackend:
 
 
 def generate(server: LiveServer, prompt: str, model: str = "q", **params: Any) -> str:
-    response = server.client.post("/generate", json={"prompt": prompt, "model": model,
-                                                     "params": params})
-    assert response.status_code == 200, response.text
-    text: str = response.json()
-    return text
+    return generate_text(server, prompt, model, **params)
 
 
 def test_the_alias_and_the_family_share_one_backend(server: LiveServer) -> None:

@@ -31,7 +31,7 @@ from tests.backends.conftest import (
     start_module_server,
     without_chat_template,
 )
-from tests.conftest import LiveServer, assert_bad_settings, assert_error, stream_events
+from tests.conftest import LiveServer, assert_bad_settings, assert_error, generate, stream_events
 from tests.fakehub import FakeHub
 
 GREEDY = {"temperature": 0, "max_tokens": 24}
@@ -71,14 +71,6 @@ def backend() -> Iterator[HFBackend]:
     assert isinstance(loaded, HFBackend)
     yield loaded
     loaded.close()
-
-
-def generate(server: LiveServer, prompt: str, model: str = "tiny", **params: Any) -> str:
-    response = server.client.post("/generate", json={"prompt": prompt, "model": model,
-                                                     "params": params})
-    assert response.status_code == 200, response.text
-    text: str = response.json()
-    return text
 
 
 # -- download ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from backends.gptq import GPTQBackend, GPTQParams
 from backends.hf import HFBackend, HFParams
 from backends.hfbatch import HFBatchEngine
 from tests.backends.conftest import HF_REPO, TINY_GPTQ, TINY_HF, start_module_server
-from tests.conftest import LiveServer, assert_error, parse_sse, wait_for
+from tests.conftest import LiveServer, assert_error, generate, parse_sse, wait_for
 from tests.fakehub import FakeHub
 
 PROMPTS = ["Hello there", "the quick brown fox jumps over", "a", "x y z", "numbers 1 2 3",
@@ -202,14 +202,6 @@ def server(hf_hub: FakeHub, module_env: pytest.MonkeyPatch,
     live = start_module_server(config, Path(root), hf_hub, module_env)
     yield live
     live.stop()
-
-
-def generate(server: LiveServer, prompt: str, model: str = "tiny", **params: Any) -> str:
-    response = server.client.post("/generate", json={"prompt": prompt, "model": model,
-                                                     "params": params})
-    assert response.status_code == 200, response.text
-    text: str = response.json()
-    return text
 
 
 def together(server: LiveServer, jobs: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
