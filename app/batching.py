@@ -9,11 +9,13 @@ the engine has room, then run one decode step and route its chunks to their jobs
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
 from backends.base import Backend, BatchEngine, Chunk
@@ -28,6 +30,22 @@ log = logging.getLogger(__name__)
 EMBED_BATCH = 64
 
 
+def deliver(items: list[tuple[Job, Any]]) -> None:
+    """Hand items emitted on an engine thread to their jobs: one wake-up per event loop, not
+    one per item (a batching engine emits an item per running sequence per step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+    for job, item in items:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.out.put_nowait(item)
+
+
 class BatchLoop:
     """Drives one model's BatchEngine; every method runs on the engine thread."""
 
@@ -40,6 +58,16 @@ class BatchLoop:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, Job] = {}
         self._next_key = 0
+        self._outbox: list[tuple[Job, Any]] = []  # what this turn emitted to running jobs
+
+    def _emit(self, job: Job, item: Any) -> None:
+        self._outbox.append((job, item))
+
+    def _flush(self) -> None:
+        """Send the turn's items to their jobs: one wake-up of the event loop per turn."""
+        if self._outbox:
+            deliver(self._outbox)
+            self._outbox = []
 
     def run(self) -> None:
         try:
@@ -50,7 +78,9 @@ class BatchLoop:
                 self._admit_waiting()
                 if self.running:
                     self._step()
+                self._flush()
         finally:
+            self._flush()
             self._shut_down()
 
     # -- intake ----------------------------------------------------------------------------
@@ -145,7 +175,7 @@ class BatchLoop:
                 why = "was cancelled" if job.cancelled.is_set() else \
                     "took longer than the server's request_timeout and was cancelled"
                 error = ClientDisconnected if job.cancelled.is_set() else RequestTimeout
-                job.emit(error(f"The request {why}."))
+                self._emit(job, error(f"The request {why}."))
                 self._finish("cancelled", job.started)
 
     def _admit_waiting(self) -> None:
@@ -159,11 +189,11 @@ class BatchLoop:
             try:
                 accepted = self.engine.admit(key, job.request)
             except Exception as exc:  # noqa: BLE001 - becomes the client's error
-                job.emit(as_domain_error(exc))
+                self._emit(job, as_domain_error(exc))
                 self._finish("failed", job.started)
                 continue
             self.running[key] = job
-            job.emit(accepted)
+            self._emit(job, accepted)
 
     def _step(self) -> None:
         try:
@@ -172,7 +202,7 @@ class BatchLoop:
             error = as_domain_error(exc)
             for key, job in list(self.running.items()):
                 self.engine.cancel(key)
-                job.emit(error)
+                self._emit(job, error)
                 self._finish("failed", job.started)
             self.running.clear()
             return
@@ -182,7 +212,7 @@ class BatchLoop:
                 continue
             if isinstance(item, LLMAPIError):
                 del self.running[key]
-                owner.emit(item)
+                self._emit(owner, item)
                 self._finish("failed", owner.started)
                 continue
             self._route(key, owner, item)
@@ -190,10 +220,10 @@ class BatchLoop:
     def _route(self, key: int, job: Job, chunk: Chunk) -> None:
         if chunk.finish_reason is None and chunk.prompt_tokens is None:
             self.s.stats.tokens_generated += 1
-        job.emit(chunk)
+        self._emit(job, chunk)
         if chunk.finish_reason is not None:
             del self.running[key]
-            job.emit(self.end)
+            self._emit(job, self.end)
             self._finish("completed", job.started)
 
     def _shut_down(self) -> None:

@@ -64,6 +64,7 @@ class Job:
     request: GenerationRequest | None = None  # a generation
     texts: list[str] | None = None  # an embedding
     started: float = 0.0
+    timer: asyncio.TimerHandle | None = None  # the deadline's, on the loop (see `arm`)
 
     def emit(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
@@ -72,18 +73,25 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def arm(self) -> None:
+        """On the loop: at the deadline, cancel the job and end its stream with a timeout
+        (one timer per job, not one per item)."""
+        self.timer = self.loop.call_at(self.deadline, self._expire)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self) -> None:
+        self.timer = None
+        self.cancel()
+        self.out.put_nowait(RequestTimeout("The request took longer than the server's "
+                                           "request_timeout and was cancelled."))
+
     async def next(self) -> Any:
-        """The next item; domain errors re-raised; past the deadline, cancel and time out."""
-        if self.out.empty():
-            try:
-                async with asyncio.timeout_at(self.deadline):
-                    item = await self.out.get()
-            except TimeoutError:
-                self.cancel()
-                raise RequestTimeout("The request took longer than the server's "
-                                     "request_timeout and was cancelled.") from None
-        else:
-            item = self.out.get_nowait()
+        """The next item; domain errors (a timeout too) re-raised."""
+        item = await self.out.get()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -107,6 +115,7 @@ class JobStream:
 
     def close(self) -> None:
         self._job.cancel()
+        self._job.disarm()
 
 
 class ModelScheduler:
@@ -251,6 +260,7 @@ class ModelScheduler:
                     f"Model '{self.name}' is busy: {self.stats.queued} requests are waiting "
                     f"(max_queue={self.max_queue}). Retry later.", self._retry_after())
             self.stats.queued += 1
+        job.arm()
         self._jobs.put(job)
         return job
 
@@ -267,6 +277,7 @@ class ModelScheduler:
             first = await job.next()
         except BaseException:
             job.cancel()
+            job.disarm()
             raise
         return JobStream(job, first)
 

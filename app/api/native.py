@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from sse_starlette import EventSourceResponse
 
 from app import service
 from app.auth.deps import MeterDep
@@ -25,6 +24,7 @@ from app.schemas_queue import (
     QueueJob,
     TokenizeRequest,
 )
+from app.sse import EventStream, data_event
 from backends.base import GenerationRequest
 
 router = APIRouter(tags=["native"])
@@ -110,24 +110,23 @@ async def _run_job(job: QueueJob, generation: GenerationRequest, request: Reques
     return QueueAnswer(content=text)
 
 
-@router.post("/agenerate", response_class=EventSourceResponse)
+@router.post("/agenerate", response_class=EventStream)
 async def agenerate(body: GenerateRequest, pool: PoolDep, settings: SettingsDep,
-                    meter: MeterDep) -> EventSourceResponse:
+                    meter: MeterDep) -> EventStream:
     """Stream the completion as server-sent events: one `data:` event per piece of text.
 
     Keep-alives are SSE comments; the stream ends by closing; a failure after the stream
     began arrives as an `event: error` frame carrying the JSON error body.
     """
     stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
-    return EventSourceResponse(_pieces(stream), sep="\n",
-                               ping=settings.server.sse_ping_seconds)
+    return EventStream(_pieces(stream), ping=settings.server.sse_ping_seconds)
 
 
-async def _pieces(stream: JobStream) -> AsyncIterator[dict[str, str]]:
+async def _pieces(stream: JobStream) -> AsyncIterator[bytes | dict[str, str]]:
     try:
         async for chunk in stream:
             if chunk.text:
-                yield {"data": chunk.text}
+                yield data_event(chunk.text)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame
         yield sse_error(as_domain_error(exc))
     finally:

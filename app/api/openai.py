@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
+from pydantic import BaseModel
 
 from app import service
 from app.auth.deps import MeterDep
@@ -35,19 +36,20 @@ from app.responses_openai import (
     now,
 )
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from app.sse import EventStream, data_event
 from backends.base import Chunk
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger(__name__)
 
-Frame = dict[str, str]
+Frame = bytes | dict[str, str]
 Choices = AsyncIterator[tuple[int, Chunk]]
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, pool: PoolDep,
                            settings: SettingsDep,
-                           meter: MeterDep) -> ChatCompletion | EventSourceResponse:
+                           meter: MeterDep) -> ChatCompletion | EventStream:
     """Chat completion; with `"stream": true`, `chat.completion.chunk` server-sent events
     ending with `data: [DONE]`."""
     scheduler = pool.get(body.model)
@@ -70,7 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
-                      settings: SettingsDep, meter: MeterDep) -> Completion | EventSourceResponse:
+                      settings: SettingsDep, meter: MeterDep) -> Completion | EventStream:
     """Text completion of `prompt` (a text or a list: `n` choices each, in order)."""
     scheduler = pool.get(body.model)
     requests = body.to_requests()
@@ -139,8 +141,21 @@ def _finish(final: Chunk | None) -> Any:
     return final.finish_reason if final is not None and final.finish_reason else "stop"
 
 
-def _sse(frames: AsyncIterator[Frame], settings: Any) -> EventSourceResponse:
-    return EventSourceResponse(frames, sep="\n", ping=settings.server.sse_ping_seconds)
+def _sse(frames: AsyncIterator[Frame], settings: Any) -> EventStream:
+    return EventStream(frames, ping=settings.server.sse_ping_seconds)
+
+
+def _text_event(build: Callable[[str], BaseModel],
+                exclude: set[str] | None) -> Callable[[str], bytes | dict[str, str]]:
+    """The `data:` event of `build(text)` dumped as JSON, for any text. The model is dumped
+    once with a marker for the text; each event is then the JSON before the marker, the text
+    as a JSON string and the JSON after it (a pydantic dump per token costs ~10x more)."""
+    mark = new_id("text")
+    head, *tail = build(mark).model_dump_json(exclude=exclude).split(json.dumps(mark))
+    if len(tail) != 1:  # the marker is not where the text goes: dump every event
+        return lambda text: data_event(build(text).model_dump_json(exclude=exclude))
+    before, after = b"data: " + head.encode(), tail[0].encode() + b"\n\n"
+    return lambda text: before + json.dumps(text, ensure_ascii=False).encode() + after
 
 
 async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
@@ -172,18 +187,28 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool,
                                     usage=usage)
         return {"data": chunk.model_dump_json(exclude=exclude)}
 
+    texts: dict[int, Callable[[str], Frame]] = {}  # per choice: its plain content deltas
+
     def frame(index: int, chunk: Chunk) -> Frame | None:
         if chunk.finish_reason is not None:
             return dump([ChunkChoice(index=index, delta={},
                                      finish_reason=_finish(chunk))])
-        logprobs = ChoiceLogprobs.of(list(chunk.logprobs), scored)
         if index not in started:  # the first delta of a choice carries the role
             started.add(index)
-            return dump([ChunkChoice(index=index, logprobs=logprobs, delta={
-                "role": "assistant", "content": chunk.text})])
-        return dump([ChunkChoice(index=index, delta={"content": chunk.text},
-                                 logprobs=logprobs)]) \
-            if chunk.text or chunk.logprobs else None
+            return dump([ChunkChoice(index=index, logprobs=ChoiceLogprobs.of(
+                list(chunk.logprobs), scored), delta={"role": "assistant",
+                                                      "content": chunk.text})])
+        if chunk.logprobs:
+            return dump([ChunkChoice(index=index, delta={"content": chunk.text},
+                                     logprobs=ChoiceLogprobs.of(list(chunk.logprobs), scored))])
+        if not chunk.text:
+            return None
+        if index not in texts:
+            texts[index] = _text_event(lambda text: ChatCompletionChunk(
+                id=cid, created=created, model=model, choices=[ChunkChoice(
+                    index=index, delta={"content": text},
+                    logprobs=ChoiceLogprobs.of([], scored))]), exclude)
+        return texts[index](chunk.text)
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), len(finals)))
@@ -200,12 +225,23 @@ def _text_frames(choices: Choices, model: str, include_usage: bool, n: int,
         chunk = Completion(id=cid, created=created, model=model, choices=choice, usage=usage)
         return {"data": chunk.model_dump_json(exclude=exclude)}
 
+    texts: dict[int, Callable[[str], Frame]] = {}  # per choice: its plain text pieces
+
     def frame(index: int, chunk: Chunk) -> Frame | None:
         if chunk.finish_reason is not None:
             return dump([TextChoice(index=index, text="", finish_reason=_finish(chunk))])
-        logprobs = CompletionLogprobs.of(list(chunk.logprobs), scored)
-        return dump([TextChoice(index=index, text=chunk.text, finish_reason=None,
-                                logprobs=logprobs)]) if chunk.text or chunk.logprobs else None
+        if chunk.logprobs:
+            return dump([TextChoice(index=index, text=chunk.text, finish_reason=None,
+                                    logprobs=CompletionLogprobs.of(list(chunk.logprobs),
+                                                                   scored))])
+        if not chunk.text:
+            return None
+        if index not in texts:
+            texts[index] = _text_event(lambda text: Completion(
+                id=cid, created=created, model=model, choices=[TextChoice(
+                    index=index, text=text, finish_reason=None,
+                    logprobs=CompletionLogprobs.of([], scored))]), exclude)
+        return texts[index](chunk.text)
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), n))
