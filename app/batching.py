@@ -76,6 +76,7 @@ class BatchLoop:
                     break
                 self._retire_cancelled()
                 self._admit_waiting()
+                self._flush()  # accepted prompts: their responses start during the step
                 if self.running:
                     self._step()
                 self._flush()

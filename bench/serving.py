@@ -6,8 +6,11 @@
 
 One run, the same random-weight ~91M-parameter Q8_0 GGUF (bench/randmodel.py, with BOS/EOS
 never sampled so every request runs to max_tokens), the same threads and per-sequence context,
-greedy, unique prompts (a random prefix each). The systems are started and stopped in
-alternating rounds (the order rotates); medians (and min-max spread) over the rounds. All speak
+greedy, unique prompts (a random prefix each). Each round starts every system, runs each case
+on each system in turn (the order rotates from round to round) and stops them all; medians
+(and min-max spread) over the rounds. Running case by case rather than system by system keeps
+the shared machine's slow and fast spells (seen here: ±30 % within minutes) from landing on one
+system. All speak
 OpenAI `/v1/completions` (`/v1/chat/completions` for the chat case) with streaming.
 Transformers: llm-api (huggingface family) with 8 concurrent requests over HTTP vs in-process
 `generate_batch` vs 8 sequential `generate` calls (bench/serving_hf.py).
@@ -120,29 +123,55 @@ def case_chat(port: int, rng: random.Random, words: int, first: int, second: int
     return {"chat turn-1 TTFT s": turn1.ttft, "chat turn-2 TTFT s": turn2.ttft}
 
 
-def run_cases(port: int, plan: Plan, rng: random.Random) -> Metrics:
-    metrics: Metrics = {}
+Case = Callable[[int, random.Random], Metrics]
+
+
+def cases(plan: Plan) -> list[tuple[str, Case]]:
+    """Every case as (name, run(port, rng) -> metrics), in the order they run."""
+    out: list[tuple[str, Case]] = []
     for tokens in plan.single:
-        metrics.update(case_single(port, rng, tokens))
+        def single(port: int, rng: random.Random, tokens: int = tokens) -> Metrics:
+            return case_single(port, rng, tokens)
+        out.append((f"1x{tokens}", single))
     for n in plan.sweep:
-        metrics[f"sweep {n} tok/s"], _ = case_together(port, rng, n, plan.sweep_tokens)
-    n, tokens, gap = plan.stagger
-    rate, streams = case_together(port, rng, n, tokens, gap)
-    metrics[f"{n}x{tokens} staggered tok/s"] = rate
-    metrics[f"{n}x{tokens} staggered TTFT p50 s"] = statistics.median(s.ttft for s in streams)
-    metrics.update(case_chat(port, rng, *plan.chat))
-    return metrics
+        def sweep(port: int, rng: random.Random, n: int = n) -> Metrics:
+            rate, _ = case_together(port, rng, n, plan.sweep_tokens)
+            return {f"sweep {n} tok/s": rate}
+        out.append((f"sweep {n}", sweep))
+
+    def staggered(port: int, rng: random.Random) -> Metrics:
+        n, tokens, gap = plan.stagger
+        rate, streams = case_together(port, rng, n, tokens, gap)
+        return {f"{n}x{tokens} staggered tok/s": rate,
+                f"{n}x{tokens} staggered TTFT p50 s": statistics.median(s.ttft for s in streams)}
+
+    out.append(("staggered", staggered))
+    out.append(("chat", lambda port, rng: case_chat(port, rng, *plan.chat)))
+    return out
 
 
-def one_system(name: str, settings: Settings, plan: Plan, seed: int) -> Metrics:
-    began = time.perf_counter()
-    running = STARTERS[name](settings)
+def one_round(order: list[str], settings: Settings, plan: Plan,
+              seed: int) -> dict[str, Metrics]:
+    """Start every system, then run each case on each system in turn (so a slow or fast
+    spell of this shared machine falls on all of them, not on one), then stop them all. An
+    idle system uses no CPU while another is measured."""
+    running: dict[str, Running] = {}
+    rngs = {name: random.Random(seed + i) for i, name in enumerate(order)}
+    metrics: dict[str, Metrics] = {name: {} for name in order}
     try:
-        stream(running.port, "/v1/completions", completion(random.Random(-1), 8))  # warm up
-        metrics = run_cases(running.port, plan, random.Random(seed))
+        for name in order:
+            running[name] = STARTERS[name](settings)
+            stream(running[name].port, "/v1/completions",
+                   completion(random.Random(-1), 8))  # warm up
+        for case, run in cases(plan):
+            for name in order:
+                began = time.perf_counter()
+                metrics[name].update(run(running[name].port, rngs[name]))
+                print(f"  {case}: {name} {time.perf_counter() - began:.1f} s", file=sys.stderr,
+                      flush=True)
     finally:
-        running.stop()
-    print(f"  {name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+        for name in running:
+            running[name].stop()
     return metrics
 
 
@@ -154,10 +183,10 @@ def run_llama(args: argparse.Namespace, plan: Plan, model: Path, workdir: Path,
     for r in range(args.rounds):
         order = args.systems[r % len(args.systems):] + args.systems[:r % len(args.systems)]
         print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
-        for name in order:
-            for key, value in one_system(name, settings, plan, seed=1000 * r).items():
+        for name, metrics in one_round(order, settings, plan, seed=1000 * r).items():
+            for key, value in metrics.items():
                 results[name].setdefault(key, []).append(value)
-            save()  # partial results survive an interrupted run
+        save()  # partial results survive an interrupted run
 
 
 def plot(results_json: Path, png: Path) -> str:
