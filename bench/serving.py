@@ -244,7 +244,9 @@ def report(data: dict[str, Any], results_json: Path) -> None:
         print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], systems))
     if data.get("hf"):
         print("\n## transformers (8 concurrent requests)\n\n" + hf_table(data["hf"]))
-    print(f"\nraw: {results_json}; {plot(results_json, results_json.with_suffix('.png'))}")
+    drawn = plot(results_json, results_json.with_suffix(".png")) if data.get("llama") else \
+        "no plot (no llama.cpp rows)"
+    print(f"\nraw: {results_json}; {drawn}")
 
 
 def main(argv: list[str] | None = None) -> None:
