@@ -14,7 +14,6 @@ generations are decoded together, and `running` counts sequences.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -23,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.batching import BatchLoop
+from app.batching import BatchLoop, deliver
 from app.errors import (
     ClientDisconnected,
     ModelNotReady,
@@ -67,8 +66,7 @@ class Job:
     timer: asyncio.TimerHandle | None = None  # the deadline's, on the loop (see `arm`)
 
     def emit(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        deliver([(self, item)])
 
     def cancel(self) -> None:
         self.cancelled.set()

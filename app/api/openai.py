@@ -158,6 +158,19 @@ def _text_event(build: Callable[[str], BaseModel],
     return lambda text: before + json.dumps(text, ensure_ascii=False).encode() + after
 
 
+def _text_events(build: Callable[[int, str], BaseModel],
+                 exclude: set[str] | None) -> Callable[[int, str], Frame]:
+    """`(choice index, text) -> event`: each choice's `_text_event`, made on first use."""
+    made: dict[int, Callable[[str], Frame]] = {}
+
+    def event(index: int, text: str) -> Frame:
+        if index not in made:
+            made[index] = _text_event(lambda piece: build(index, piece), exclude)
+        return made[index](text)
+
+    return event
+
+
 async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
                   usage: Callable[[list[Chunk]], Frame] | None) -> AsyncIterator[Frame]:
     """Shared framing: a frame per chunk, the usage frame, `[DONE]`; an error frame (and no
@@ -187,7 +200,10 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool,
                                     usage=usage)
         return {"data": chunk.model_dump_json(exclude=exclude)}
 
-    texts: dict[int, Callable[[str], Frame]] = {}  # per choice: its plain content deltas
+    content = _text_events(lambda index, text: ChatCompletionChunk(
+        id=cid, created=created, model=model, choices=[ChunkChoice(
+            index=index, delta={"content": text}, logprobs=ChoiceLogprobs.of([], scored))]),
+        exclude)  # plain content deltas
 
     def frame(index: int, chunk: Chunk) -> Frame | None:
         if chunk.finish_reason is not None:
@@ -201,14 +217,7 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool,
         if chunk.logprobs:
             return dump([ChunkChoice(index=index, delta={"content": chunk.text},
                                      logprobs=ChoiceLogprobs.of(list(chunk.logprobs), scored))])
-        if not chunk.text:
-            return None
-        if index not in texts:
-            texts[index] = _text_event(lambda text: ChatCompletionChunk(
-                id=cid, created=created, model=model, choices=[ChunkChoice(
-                    index=index, delta={"content": text},
-                    logprobs=ChoiceLogprobs.of([], scored))]), exclude)
-        return texts[index](chunk.text)
+        return content(index, chunk.text) if chunk.text else None
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), len(finals)))
@@ -225,7 +234,10 @@ def _text_frames(choices: Choices, model: str, include_usage: bool, n: int,
         chunk = Completion(id=cid, created=created, model=model, choices=choice, usage=usage)
         return {"data": chunk.model_dump_json(exclude=exclude)}
 
-    texts: dict[int, Callable[[str], Frame]] = {}  # per choice: its plain text pieces
+    pieces = _text_events(lambda index, text: Completion(
+        id=cid, created=created, model=model, choices=[TextChoice(
+            index=index, text=text, finish_reason=None,
+            logprobs=CompletionLogprobs.of([], scored))]), exclude)  # plain text pieces
 
     def frame(index: int, chunk: Chunk) -> Frame | None:
         if chunk.finish_reason is not None:
@@ -234,14 +246,7 @@ def _text_frames(choices: Choices, model: str, include_usage: bool, n: int,
             return dump([TextChoice(index=index, text=chunk.text, finish_reason=None,
                                     logprobs=CompletionLogprobs.of(list(chunk.logprobs),
                                                                    scored))])
-        if not chunk.text:
-            return None
-        if index not in texts:
-            texts[index] = _text_event(lambda text: Completion(
-                id=cid, created=created, model=model, choices=[TextChoice(
-                    index=index, text=text, finish_reason=None,
-                    logprobs=CompletionLogprobs.of([], scored))]), exclude)
-        return texts[index](chunk.text)
+        return pieces(index, chunk.text) if chunk.text else None
 
     def usage(finals: list[Chunk]) -> Frame:
         return dump([], Usage.of_results(list(finals), n))
