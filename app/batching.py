@@ -59,6 +59,11 @@ class BatchLoop:
         self.running: dict[int, Job] = {}
         self._next_key = 0
         self._outbox: list[tuple[Job, Any]] = []  # what this turn emitted to running jobs
+        # An engine that says so hands the outbox over right before its decode (which
+        # releases the GIL); the loop then flushes only when nothing runs (it may block next).
+        self._deferred = engine.calls_before_decode
+        if self._deferred:
+            engine.before_decode = self._flush  # type: ignore[method-assign]
 
     def _emit(self, job: Job, item: Any) -> None:
         self._outbox.append((job, item))
@@ -76,10 +81,12 @@ class BatchLoop:
                     break
                 self._retire_cancelled()
                 self._admit_waiting()
-                self._flush()  # accepted prompts: their responses start during the step
+                if not self._deferred:
+                    self._flush()  # accepted prompts: their responses start during the step
                 if self.running:
                     self._step()
-                self._flush()
+                if not self._deferred or not self.running:
+                    self._flush()
         finally:
             self._flush()
             self._shut_down()
@@ -91,8 +98,11 @@ class BatchLoop:
         idle = not self.running and not self.waiting
         others: list[Job] = []
         while True:
+            block = idle and not others
+            if not block and not self.s._jobs.queue:
+                break  # nothing queued (the common case mid-batch): no lock, no queue.Empty
             try:
-                job = self.s._jobs.get(block=idle and not others)
+                job = self.s._jobs.get(block=block)
             except queue.Empty:
                 break
             if job is None:

@@ -166,6 +166,15 @@ class BatchEngine(abc.ABC):
 
     #: Admission bound: sequences decoded together (e.g. model_params.parallel).
     max_sequences: int = 1
+    #: True when `step` calls `before_decode` right before its blocking decode call.
+    calls_before_decode: bool = False
+
+    def before_decode(self) -> None:
+        """Set by the scheduler; an engine with `calls_before_decode` calls it right before
+        the decode call that releases the GIL. The scheduler hands the previous step's chunks
+        to the event loop then: the loop runs while the decode does, instead of waking while
+        the engine thread still holds the GIL and waiting for it."""
+        return None
 
     @abc.abstractmethod
     def admit(self, key: int, request: GenerationRequest) -> Chunk:

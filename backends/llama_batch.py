@@ -15,6 +15,7 @@ sequence's cells stay with its slot for that reuse; a cancelled one's are remove
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -32,6 +33,26 @@ log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64
 
+#: Calls of the step loop that take microseconds: made through twins that keep the GIL.
+#: ctypes releases the GIL around every foreign call; after each release the engine thread
+#: must win the GIL back from the event loop (which may be busy sending the last step's
+#: tokens), and those waits lay on the critical path between two `llama_decode` calls.
+QUICK_CALLS = ("llama_sampler_sample", "llama_vocab_is_eog", "llama_get_logits_ith",
+               "llama_memory_seq_rm", "llama_sampler_free")
+
+
+def gil_holding(lib: Any, names: tuple[str, ...]) -> Any:
+    """A namespace of `names` from llama.cpp's shared library, called without releasing
+    the GIL (`ctypes.PyDLL`), with the argument and result types llama-cpp-python declared."""
+    shared = lib.llama_cpp._lib
+    twin = ctypes.PyDLL(shared._name, handle=shared._handle)
+    calls = {}
+    for name in names:
+        declared, fn = getattr(lib, name), getattr(twin, name)
+        fn.argtypes, fn.restype = declared.argtypes, declared.restype
+        calls[name] = fn
+    return type("QuickCalls", (), calls)
+
 
 @dataclass
 class Sequence:
@@ -46,6 +67,7 @@ class Sequence:
     count: int = 0
     row: int = -1  # batch row of this step's output, -1: none
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
+    slow: bool = False  # a grammar may take milliseconds per token: sample without the GIL
 
 
 @dataclass
@@ -58,12 +80,15 @@ class Slot:
 class LlamaBatchEngine(BatchEngine):
     """A `BatchEngine` over a loaded LlamaBackend's model (its own context)."""
 
+    calls_before_decode = True
+
     def __init__(self, backend: LlamaBackend, parallel: int, prompt_chunk: int,
                  flash_attn: bool | str, n_threads: int | None,
                  n_threads_batch: int | None) -> None:
         import llama_cpp as lib
 
         self._lib = lib
+        self._quick = gil_holding(lib, QUICK_CALLS)
         self._backend = backend
         self.max_sequences = parallel
         self.prompt_chunk = prompt_chunk
@@ -103,12 +128,12 @@ class LlamaBatchEngine(BatchEngine):
                 context_length=self.context_length, sequences=self.max_sequences)
         slot = self._pick_slot(tokens)
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
-        self._lib.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
+        self._quick.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
         self.reused_tokens += reuse
         seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
                        sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
-                       logprobs=params.logprobs, todo=tokens[reuse:])
+                       logprobs=params.logprobs, todo=tokens[reuse:], slow=grammar is not None)
         if params.echo and request.prompt:
             seq.early.append(Chunk(text=request.prompt))
         slot.seq = seq
@@ -157,7 +182,9 @@ class LlamaBatchEngine(BatchEngine):
             assert slot.seq is not None
             out.extend((slot.seq.key, chunk) for chunk in slot.seq.early)
             slot.seq.early.clear()
-        if self._fill(running):
+        filled = self._fill(running)
+        self.before_decode()
+        if filled:
             status = self._lib.llama_decode(self._ctx, self._batch)
             if status != 0:
                 log.error("llama_decode failed with status %s", status)
@@ -194,9 +221,9 @@ class LlamaBatchEngine(BatchEngine):
         return n
 
     def _sample(self, slot: Slot, seq: Sequence) -> list[Chunk]:
-        lib = self._lib
-        token = lib.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
-        if lib.llama_vocab_is_eog(self._backend.vocab, token):
+        sample = self._lib.llama_sampler_sample if seq.slow else self._quick.llama_sampler_sample
+        token = sample(seq.sampler, self._ctx, seq.row)
+        if self._quick.llama_vocab_is_eog(self._backend.vocab, token):
             return self._retire(slot, seq, "stop")
         seq.count += 1
         piece = self._backend.piece(token)
@@ -211,7 +238,7 @@ class LlamaBatchEngine(BatchEngine):
         return chunks
 
     def _logprob(self, row: int, token: int, top: int) -> TokenLogprob:
-        logits = self._lib.llama_get_logits_ith(self._ctx, row)
+        logits = self._quick.llama_get_logits_ith(self._ctx, row)
         return self._backend.score(logits, token, top)
 
     def _retire(self, slot: Slot, seq: Sequence, finish: str,
@@ -234,11 +261,11 @@ class LlamaBatchEngine(BatchEngine):
     def _free(self, slot: Slot, keep_cache: bool) -> None:
         seq = slot.seq
         assert seq is not None
-        self._lib.llama_sampler_free(seq.sampler)
+        self._quick.llama_sampler_free(seq.sampler)
         del self._by_key[seq.key]
         slot.seq = None
         if not keep_cache:
-            self._lib.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+            self._quick.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
             slot.cached.clear()
 
     # -- inspection and teardown -----------------------------------------------------------

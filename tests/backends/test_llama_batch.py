@@ -87,6 +87,25 @@ def test_greedy_output_is_the_same_alone_and_batched(engine: LlamaBatchEngine) -
     assert len(set(single)) > 1  # the prompts lead somewhere different
 
 
+def test_before_decode_runs_once_per_step_ahead_of_its_sampling(engine: LlamaBatchEngine) -> None:
+    """The scheduler's hand-over hook: once per step, after the batch is filled and before
+    the decode (so before this step's token is sampled)."""
+    sampled: list[int] = []
+    engine.before_decode = lambda: sampled.extend(  # type: ignore[method-assign]
+        s.seq.count for s in engine.slots if s.seq is not None)
+    try:
+        engine.admit(0, GenerationRequest(prompt="hello world", params=GREEDY))
+        steps = 0
+        while engine.active():
+            engine.step()
+            steps += 1
+    finally:
+        del engine.before_decode
+    assert steps == GREEDY.max_tokens
+    assert sampled == list(range(steps))
+    assert_clean(engine)
+
+
 def test_seeded_sampling_is_reproducible_per_request(engine: LlamaBatchEngine) -> None:
     seeded = [GenerationRequest(prompt=p, params=GenerationParams(
         temperature=1.0, seed=100 + i, max_tokens=10)) for i, p in enumerate(PROMPTS)]
