@@ -1,4 +1,8 @@
-"""Dependency aliases: routes read like plain functions."""
+"""Dependency aliases: routes read like plain functions.
+
+Dependencies are `async def` even when they do no I/O: FastAPI runs a plain `def` dependency
+in its thread pool, a thread hop (and GIL hand-off) per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ from app.pool import ModelPool
 from app.settings import Settings
 
 
-def get_pool(request: Request) -> ModelPool:
+async def get_pool(request: Request) -> ModelPool:
     pool: ModelPool = request.app.state.pool
     return pool
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

@@ -26,7 +26,12 @@ def get_accounts(request: Request) -> Accounts:
     return accounts
 
 
-AccountsDep = Annotated[Accounts, Depends(get_accounts)]
+async def accounts_dep(request: Request) -> Accounts:
+    """`get_accounts` as a dependency (async: no thread-pool hop, see app/deps.py)."""
+    return get_accounts(request)
+
+
+AccountsDep = Annotated[Accounts, Depends(accounts_dep)]
 
 
 def presented_secret(request: Request) -> str:
