@@ -14,6 +14,7 @@ generations are decoded together, and `running` counts sequences.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -50,6 +51,34 @@ class SchedulerStats:
     busy_seconds: float = 0.0
 
 
+class Channel:
+    """A job's items on their way to its one reader, on the event loop: an `asyncio.Queue`
+    without what one reader does not need (task counting, a list of getters, a running-loop
+    lookup per `get`); it is on the path of every streamed token."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 @dataclass
 class Job:
     """One request's work and the channel its results travel back on."""
@@ -57,13 +86,16 @@ class Job:
     work: Work
     loop: asyncio.AbstractEventLoop
     deadline: float
-    out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    out: Channel = field(init=False)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # What a batching loop needs to know besides `work` (which serves the serial loop).
     request: GenerationRequest | None = None  # a generation
     texts: list[str] | None = None  # an embedding
     started: float = 0.0
     timer: asyncio.TimerHandle | None = None  # the deadline's, on the loop (see `arm`)
+
+    def __post_init__(self) -> None:
+        self.out = Channel(self.loop)
 
     def emit(self, item: Any) -> None:
         deliver([(self, item)])
