@@ -65,8 +65,9 @@ class LlamaParams(ModelParams):
                           "batching). Each gets its own n_ctx tokens: the KV cache holds "
                           "n_ctx x parallel cells.")
     prompt_chunk: int = Field(256, ge=1, le=65_536, description="Prompt tokens fed per "
-                              "batched decode step, so a long prompt never stalls running "
-                              "streams for long.")
+                              "batched decode step while other sequences are generating, so "
+                              "a long prompt never stalls running streams for long (with "
+                              "none generating, up to max(prompt_chunk, 512) a step).")
     use_mmap: bool = Field(True, description="Map the file instead of reading it.")
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64
+PROMPT_BATCH = 512  # prompt tokens per decode when no other sequence is generating
 
 #: Calls of the step loop that take microseconds: made through twins that keep the GIL.
 #: ctypes releases the GIL around every foreign call; after each release the engine thread
@@ -96,7 +97,10 @@ class LlamaBatchEngine(BatchEngine):
         params = lib.llama_context_default_params()
         params.n_ctx = self.context_length * parallel
         params.n_seq_max = parallel
-        params.n_batch = params.n_ubatch = prompt_chunk + parallel
+        # A prompt is fed `prompt_chunk` tokens a step while other sequences generate, and up
+        # to a whole batch (at least PROMPT_BATCH tokens, llama-server's ubatch) when none do.
+        self._batch_size = max(prompt_chunk, PROMPT_BATCH) + parallel
+        params.n_batch = params.n_ubatch = self._batch_size
         if n_threads:
             params.n_threads = n_threads
             params.n_threads_batch = n_threads_batch or n_threads
@@ -197,7 +201,9 @@ class LlamaBatchEngine(BatchEngine):
 
     def _fill(self, running: list[Slot]) -> int:
         """Put this step's tokens into the batch, by slot id; returns how many."""
-        batch, n, budget = self._batch, 0, self.prompt_chunk
+        generating = sum(1 for slot in running if slot.seq is not None and slot.seq.count)
+        budget = self.prompt_chunk if generating else self._batch_size
+        batch, n = self._batch, 0
         for slot in running:  # the slots list is in id order
             seq = slot.seq
             assert seq is not None

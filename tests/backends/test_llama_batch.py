@@ -282,6 +282,20 @@ def test_a_long_prompt_is_fed_in_capped_chunks_while_others_stream(
     assert_clean(engine)
 
 
+def test_a_long_prompt_alone_is_fed_in_one_step(engine: LlamaBatchEngine) -> None:
+    """With nothing generating, the prompt_chunk cap (which protects running streams) does
+    not apply: the whole prompt is decoded at once and its first token comes out."""
+    long_prompt = GenerationRequest(prompt="one two three four five six seven " * 8,
+                                    params=GenerationParams(temperature=0, max_tokens=2))
+    prompt_tokens = engine.admit(0, long_prompt).prompt_tokens
+    assert prompt_tokens is not None and prompt_tokens > 3 * engine.prompt_chunk
+    produced = engine.step()
+    assert [c.text != "" for key, c in produced if isinstance(c, Chunk)] == [True]
+    while engine.active():
+        engine.step()
+    assert_clean(engine)
+
+
 def test_http_an_overlong_embedding_fails_alone_among_coalesced_ones(server: LiveServer) -> None:
     inputs = ["fine one", "hello " * 700, "fine two", "fine three"]
     answers: dict[int, httpx.Response] = {}
