@@ -44,8 +44,13 @@ QUICK_CALLS = ("llama_sampler_sample", "llama_vocab_is_eog", "llama_get_logits_i
 
 def gil_holding(lib: Any, names: tuple[str, ...]) -> Any:
     """A namespace of `names` from llama.cpp's shared library, called without releasing
-    the GIL (`ctypes.PyDLL`), with the argument and result types llama-cpp-python declared."""
-    shared = lib.llama_cpp._lib
+    the GIL (`ctypes.PyDLL`), with the argument and result types llama-cpp-python declared;
+    the library module itself (GIL-releasing calls) if its loaded library cannot be found."""
+    shared = getattr(getattr(lib, "llama_cpp", None), "_lib", None)
+    if not isinstance(shared, ctypes.CDLL):
+        log.warning("llama-cpp-python's shared library not found; per-token calls release "
+                    "the GIL")
+        return lib
     twin = ctypes.PyDLL(shared._name, handle=shared._handle)
     calls = {}
     for name in names:
