@@ -73,7 +73,7 @@ class Sequence:
     count: int = 0
     row: int = -1  # batch row of this step's output, -1: none
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
-    slow: bool = False  # a grammar may take milliseconds per token: sample without the GIL
+    sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
 
 
 @dataclass
@@ -142,7 +142,9 @@ class LlamaBatchEngine(BatchEngine):
         self.reused_tokens += reuse
         seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
                        sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
-                       logprobs=params.logprobs, todo=tokens[reuse:], slow=grammar is not None)
+                       logprobs=params.logprobs, todo=tokens[reuse:],
+                       sample=self._lib.llama_sampler_sample if grammar is not None
+                       else self._quick.llama_sampler_sample)
         if params.echo and request.prompt:
             seq.early.append(Chunk(text=request.prompt))
         slot.seq = seq
@@ -232,8 +234,7 @@ class LlamaBatchEngine(BatchEngine):
         return n
 
     def _sample(self, slot: Slot, seq: Sequence) -> list[Chunk]:
-        sample = self._lib.llama_sampler_sample if seq.slow else self._quick.llama_sampler_sample
-        token = sample(seq.sampler, self._ctx, seq.row)
+        token = seq.sample(seq.sampler, self._ctx, seq.row)
         if self._quick.llama_vocab_is_eog(self._backend.vocab, token):
             return self._retire(slot, seq, "stop")
         seq.count += 1
