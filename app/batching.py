@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from app.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
-from backends.base import Backend, BatchEngine, Chunk
+from backends.base import Backend, BatchEngine
 from backends.errors import LLMAPIError
 
 if TYPE_CHECKING:
@@ -33,9 +33,13 @@ EMBED_BATCH = 64
 def deliver(items: list[tuple[Job, Any]]) -> None:
     """Hand items emitted on an engine thread to their jobs: one wake-up per event loop, not
     one per item (a batching engine emits an item per running sequence per step)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
-    for job, item in items:
-        by_loop.setdefault(job.loop, []).append((job, item))
+    loop = items[0][0].loop
+    if any(job.loop is not loop for job, _ in items):  # jobs of several loops (tests)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, item in items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+    else:
+        by_loop = {loop: items}
     for loop, batch in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             loop.call_soon_threadsafe(_put_all, batch)
@@ -95,6 +99,8 @@ class BatchLoop:
 
     def _take_jobs(self) -> bool:
         """Move queued jobs to `waiting` or run them; False once the scheduler stops."""
+        if (self.running or self.waiting) and not self.s._jobs.queue:
+            return True  # mid-batch and nothing queued (the common case): no lock, no lists
         idle = not self.running and not self.waiting
         others: list[Job] = []
         while True:
@@ -217,25 +223,23 @@ class BatchLoop:
                 self._finish("failed", job.started)
             self.running.clear()
             return
+        running, outbox, stats = self.running, self._outbox, self.s.stats
         for key, item in produced:
-            owner = self.running.get(key)
+            owner = running.get(key)
             if owner is None:
                 continue
             if isinstance(item, LLMAPIError):
-                del self.running[key]
-                self._emit(owner, item)
+                del running[key]
+                outbox.append((owner, item))
                 self._finish("failed", owner.started)
                 continue
-            self._route(key, owner, item)
-
-    def _route(self, key: int, job: Job, chunk: Chunk) -> None:
-        if chunk.finish_reason is None and chunk.prompt_tokens is None:
-            self.s.stats.tokens_generated += 1
-        self._emit(job, chunk)
-        if chunk.finish_reason is not None:
-            del self.running[key]
-            self._emit(job, self.end)
-            self._finish("completed", job.started)
+            outbox.append((owner, item))
+            if item.finish_reason is not None:
+                del running[key]
+                outbox.append((owner, self.end))
+                self._finish("completed", owner.started)
+            elif item.prompt_tokens is None:
+                stats.tokens_generated += 1
 
     def _shut_down(self) -> None:
         for key, job in list(self.running.items()):

@@ -70,7 +70,7 @@ class Sequence:
     logprobs: int | None
     todo: list[int]  # tokens to feed next (the prompt's rest, then the last sampled one)
     text: Utf8Stream = field(default_factory=Utf8Stream)
-    count: int = 0
+    count: int = 0  # tokens generated; > 0: `todo` holds just the last sampled one
     row: int = -1  # batch row of this step's output, -1: none
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
     sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
@@ -117,9 +117,17 @@ class LlamaBatchEngine(BatchEngine):
                                  f"({parallel} sequences x {self.context_length} tokens)")
         self.context_length = min(self.context_length, int(lib.llama_n_ctx_seq(self._ctx)))
         self._mem = lib.llama_get_memory(self._ctx)
-        self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
+        self._batch = batch = lib.llama_batch_init(params.n_batch, 0, 1)
+        # The batch's arrays, fetched once (each attribute read builds a new ctypes pointer);
+        # every row names one sequence, so n_seq_id is set once.
+        self._tokens, self._pos, self._outputs = batch.token, batch.pos, batch.logits
+        self._row_seq = [batch.seq_id[i] for i in range(params.n_batch)]
+        for i in range(params.n_batch):
+            batch.n_seq_id[i] = 1
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
+        self._eog: dict[int, bool] = {}  # token -> end of generation (llama_vocab_is_eog)
         self.slots = [Slot(i) for i in range(parallel)]
+        self._running: list[Slot] = []  # slots with a sequence, in id order (rebuilt, not mutated)
         self._by_key: dict[int, Slot] = {}
         self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
 
@@ -149,6 +157,7 @@ class LlamaBatchEngine(BatchEngine):
             seq.early.append(Chunk(text=request.prompt))
         slot.seq = seq
         self._by_key[key] = slot
+        self._running = [s for s in self.slots if s.seq is not None]
         return Chunk(prompt_tokens=len(tokens))
 
     def _pick_slot(self, tokens: list[int]) -> Slot:
@@ -188,11 +197,12 @@ class LlamaBatchEngine(BatchEngine):
 
     def step(self) -> list[tuple[int, Chunk | Any]]:
         out: list[tuple[int, Chunk | Any]] = []
-        running = [s for s in self.slots if s.seq is not None]
+        running = self._running  # admit/retire build a new list: safe to iterate
         for slot in running:
-            assert slot.seq is not None
-            out.extend((slot.seq.key, chunk) for chunk in slot.seq.early)
-            slot.seq.early.clear()
+            seq = slot.seq
+            if seq.early:  # type: ignore[union-attr]
+                out.extend((seq.key, chunk) for chunk in seq.early)  # type: ignore[union-attr]
+                seq.early.clear()  # type: ignore[union-attr]
         filled = self._fill(running)
         self.before_decode()
         if filled:
@@ -203,67 +213,88 @@ class LlamaBatchEngine(BatchEngine):
         for slot in running:
             seq = slot.seq
             if seq is not None and seq.row >= 0:
-                out.extend((seq.key, chunk) for chunk in self._sample(slot, seq))
+                self._sample(slot, seq, out)
         return out
 
     def _fill(self, running: list[Slot]) -> int:
-        """Put this step's tokens into the batch, by slot id; returns how many."""
-        generating = sum(1 for slot in running if slot.seq is not None and slot.seq.count)
-        budget = self.prompt_chunk if generating else self._batch_size
-        batch, n = self._batch, 0
-        for slot in running:  # the slots list is in id order
+        """Put this step's tokens into the batch, by slot id; returns how many. A generating
+        sequence puts its last sampled token; a new one the next part of its prompt."""
+        tokens, positions, outputs, row_seq = self._tokens, self._pos, self._outputs, \
+            self._row_seq
+        budget = -1  # prompt tokens this step may still take; -1: not yet known
+        n = 0
+        for slot in running:  # in id order
             seq = slot.seq
             assert seq is not None
+            cached = slot.cached
+            if seq.count:
+                token = seq.todo[0]
+                tokens[n] = token
+                positions[n] = len(cached)
+                row_seq[n][0] = slot.id
+                outputs[n] = True
+                cached.append(token)
+                seq.row = n
+                n += 1
+                continue
+            if budget < 0:
+                generating = any(s.seq is not None and s.seq.count for s in running)
+                budget = self.prompt_chunk if generating else self._batch_size
+            take = min(len(seq.todo), budget)
+            budget -= take
             seq.row = -1
-            take = len(seq.todo) if seq.count else min(len(seq.todo), budget)
-            if seq.count == 0:
-                budget -= take
             for token in seq.todo[:take]:
-                batch.token[n] = token
-                batch.pos[n] = len(slot.cached)
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = slot.id
-                batch.logits[n] = False
-                slot.cached.append(token)
+                tokens[n] = token
+                positions[n] = len(cached)
+                row_seq[n][0] = slot.id
+                outputs[n] = False
+                cached.append(token)
                 n += 1
             del seq.todo[:take]
             if take and not seq.todo:
-                batch.logits[n - 1] = True
+                outputs[n - 1] = True
                 seq.row = n - 1
-        batch.n_tokens = n
+        self._batch.n_tokens = n
         return n
 
-    def _sample(self, slot: Slot, seq: Sequence) -> list[Chunk]:
+    def _sample(self, slot: Slot, seq: Sequence, out: list[tuple[int, Chunk | Any]]) -> None:
         token = seq.sample(seq.sampler, self._ctx, seq.row)
-        if self._quick.llama_vocab_is_eog(self._backend.vocab, token):
-            return self._retire(slot, seq, "stop")
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._quick.llama_vocab_is_eog(
+                self._backend.vocab, token))
+        if eog:
+            self._retire(slot, seq, "stop", out)
+            return
         seq.count += 1
-        piece = self._backend.piece(token)
-        text, hit_stop = seq.stops.push(seq.text.push(piece))
-        scored = () if seq.logprobs is None else (self._logprob(seq.row, token, seq.logprobs),)
-        chunks = [Chunk(text=text, logprobs=scored)]
+        text, hit_stop = seq.stops.push(seq.text.push(self._backend.piece(token)))
+        if seq.logprobs is None:
+            out.append((seq.key, Chunk(text)))
+        else:
+            scored = (self._logprob(seq.row, token, seq.logprobs),)
+            out.append((seq.key, Chunk(text=text, logprobs=scored)))
         if hit_stop:
-            return chunks + self._retire(slot, seq, "stop", flush=False)
-        if seq.count >= seq.max_tokens:
-            return chunks + self._retire(slot, seq, "length")
-        seq.todo = [token]
-        return chunks
+            self._retire(slot, seq, "stop", out, flush=False)
+        elif seq.count >= seq.max_tokens:
+            self._retire(slot, seq, "length", out)
+        elif seq.count > 1:
+            seq.todo[0] = token  # _fill leaves a generating sequence's one-token list in place
+        else:
+            seq.todo = [token]
 
     def _logprob(self, row: int, token: int, top: int) -> TokenLogprob:
         logits = self._quick.llama_get_logits_ith(self._ctx, row)
         return self._backend.score(logits, token, top)
 
     def _retire(self, slot: Slot, seq: Sequence, finish: str,
-                flush: bool = True) -> list[Chunk]:
-        chunks = []
+                out: list[tuple[int, Chunk | Any]], flush: bool = True) -> None:
         if flush:
             tail, _ = seq.stops.push(seq.text.flush())
             if tail := tail + seq.stops.flush():
-                chunks.append(Chunk(text=tail))
-        chunks.append(Chunk(finish_reason=finish, prompt_tokens=seq.prompt,
-                            completion_tokens=seq.count))
+                out.append((seq.key, Chunk(text=tail)))
+        out.append((seq.key, Chunk(finish_reason=finish, prompt_tokens=seq.prompt,
+                                   completion_tokens=seq.count)))
         self._free(slot, keep_cache=True)
-        return chunks
 
     def cancel(self, key: int) -> None:
         slot = self._by_key.get(key)
@@ -276,6 +307,7 @@ class LlamaBatchEngine(BatchEngine):
         self._quick.llama_sampler_free(seq.sampler)
         del self._by_key[seq.key]
         slot.seq = None
+        self._running = [s for s in self.slots if s.seq is not None]
         if not keep_cache:
             self._quick.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
             slot.cached.clear()

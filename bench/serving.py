@@ -2,15 +2,16 @@
 
     bench/build_llama_server.sh      # once: C++ llama-server into bench/.cache (minutes)
     bench/setup_bench_venv.sh        # once: llama-cpp-python[server] + matplotlib, bench venv
-    .venv/bin/python bench/serving.py [--rounds 3] [--quick] [--dry-run] [--skip-hf]
+    .venv/bin/python bench/serving.py [--rounds 3] [--reps 3] [--quick] [--dry-run] [--skip-hf]
 
 One run, the same random-weight ~91M-parameter Q8_0 GGUF (bench/randmodel.py, with BOS/EOS
 never sampled so every request runs to max_tokens), the same threads and per-sequence context,
 greedy, unique prompts (a random prefix each). Each round starts every system, runs each case
-on each system in turn (the order rotates from round to round) and stops them all; medians
-(and min-max spread) over the rounds. Running case by case rather than system by system keeps
-the shared machine's slow and fast spells (seen here: ±30 % within minutes) from landing on one
-system. All speak
+`--reps` times with the systems taking turns run by run (the order rotates from run to run and
+round to round; llama-cpp-python, several times slower, runs each case once a round) and stops
+them all; medians (and min-max spread) over every run of every round. Running case by case and
+run by run rather than system by system keeps the shared machine's slow and fast spells (seen
+here: ±30 % within minutes) from landing on one system. All speak
 OpenAI `/v1/completions` (`/v1/chat/completions` for the chat case) with streaming.
 Transformers: llm-api (huggingface family) with 8 concurrent requests over HTTP vs in-process
 `generate_batch` vs 8 sequential `generate` calls (bench/serving_hf.py).
@@ -150,29 +151,35 @@ def cases(plan: Plan) -> list[tuple[str, Case]]:
     return out
 
 
-def one_round(order: list[str], settings: Settings, plan: Plan,
-              seed: int) -> dict[str, Metrics]:
-    """Start every system, then run each case on each system in turn (so a slow or fast
-    spell of this shared machine falls on all of them, not on one), then stop them all. An
-    idle system uses no CPU while another is measured."""
+def one_round(order: list[str], settings: Settings, plan: Plan, seed: int,
+              reps: int) -> dict[str, dict[str, list[float]]]:
+    """Start every system, then run each case on each system in turn, `reps` times with the
+    systems taking turns run by run (so a slow or fast spell of this shared machine falls on
+    all of them, not on one), then stop them all. llama-cpp-python runs each case once: it is
+    several times slower and far from its target. An idle system uses no CPU while another
+    is measured. Returns every run's value of every metric, per system."""
     running: dict[str, Running] = {}
     rngs = {name: random.Random(seed + i) for i, name in enumerate(order)}
-    metrics: dict[str, Metrics] = {name: {} for name in order}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in order}
     try:
         for name in order:
             running[name] = STARTERS[name](settings)
             stream(running[name].port, "/v1/completions",
                    completion(random.Random(-1), 8))  # warm up
         for case, run in cases(plan):
-            for name in order:
-                began = time.perf_counter()
-                metrics[name].update(run(running[name].port, rngs[name]))
-                print(f"  {case}: {name} {time.perf_counter() - began:.1f} s", file=sys.stderr,
-                      flush=True)
+            for rep in range(reps):
+                for name in order[rep % len(order):] + order[:rep % len(order)]:
+                    if rep and name == LCP:
+                        continue
+                    began = time.perf_counter()
+                    for key, value in run(running[name].port, rngs[name]).items():
+                        samples[name].setdefault(key, []).append(value)
+                    print(f"  {case} #{rep + 1}: {name} {time.perf_counter() - began:.1f} s",
+                          file=sys.stderr, flush=True)
     finally:
         for name in running:
             running[name].stop()
-    return metrics
+    return samples
 
 
 def run_llama(args: argparse.Namespace, plan: Plan, model: Path, workdir: Path,
@@ -183,9 +190,9 @@ def run_llama(args: argparse.Namespace, plan: Plan, model: Path, workdir: Path,
     for r in range(args.rounds):
         order = args.systems[r % len(args.systems):] + args.systems[:r % len(args.systems)]
         print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
-        for name, metrics in one_round(order, settings, plan, seed=1000 * r).items():
-            for key, value in metrics.items():
-                results[name].setdefault(key, []).append(value)
+        for name, metrics in one_round(order, settings, plan, 1000 * r, args.reps).items():
+            for key, values in metrics.items():
+                results[name].setdefault(key, []).extend(values)
         save()  # partial results survive an interrupted run
 
 
@@ -201,6 +208,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds "
                         "(default 3; 1 with --quick)")
+    parser.add_argument("--reps", type=int, default=None, help="runs of each case per system "
+                        "per round, systems taking turns (llama-cpp-python: 1); default 3, "
+                        "--quick 1")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
@@ -218,6 +228,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "saved results JSON")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.reps = args.reps or (1 if args.quick else 3)
     args.hf_tokens = args.hf_tokens or (16 if args.quick else 64)
     args.systems = [s for s in args.systems.split(",") if s and s != "none"]
     unknown = set(args.systems) - set(STARTERS)
@@ -231,7 +242,8 @@ def header(args: argparse.Namespace, plan: Plan) -> str:
                 "serial (this llm-api has no model_params.parallel: one request at a time)")
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
             f"threads {args.threads}, per-sequence context {args.n_ctx}, medians of "
-            f"{args.rounds} alternating round(s) with (min–max); llama-server --parallel "
+            f"{args.rounds} alternating round(s) x {args.reps} interleaved run(s) "
+            "(llama-cpp-python: 1 run a round) with (min–max); llama-server --parallel "
             f"{args.parallel}; llm-api {parallel}.\nCases: {plan.describe()}.\n"
             "Tokens: usage.completion_tokens of the stream (llama-server, llm-api) or "
             "streamed chunks (llama-cpp-python, one per token); greedy, the model never samples "
