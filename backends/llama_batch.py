@@ -75,6 +75,9 @@ class Sequence:
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
     sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
 
+    def __post_init__(self) -> None:
+        self.decode = self.text.push
+
 
 @dataclass
 class Slot:
@@ -126,6 +129,7 @@ class LlamaBatchEngine(BatchEngine):
             batch.n_seq_id[i] = 1
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
         self._eog: dict[int, bool] = {}  # token -> end of generation (llama_vocab_is_eog)
+        self._pieces = backend.pieces  # token -> bytes, filled by backend.piece
         self.slots = [Slot(i) for i in range(parallel)]
         self._running: list[Slot] = []  # slots with a sequence, in id order (rebuilt, not mutated)
         self._by_key: dict[int, Slot] = {}
@@ -267,7 +271,11 @@ class LlamaBatchEngine(BatchEngine):
             self._retire(slot, seq, "stop", out)
             return
         seq.count += 1
-        text, hit_stop = seq.stops.push(seq.text.push(self._backend.piece(token)))
+        piece = self._pieces.get(token)
+        text = seq.decode(piece if piece is not None else self._backend.piece(token))
+        hit_stop = False
+        if seq.stops.stops:
+            text, hit_stop = seq.stops.push(text)
         if seq.logprobs is None:
             out.append((seq.key, Chunk(text)))
         else:

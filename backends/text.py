@@ -14,9 +14,8 @@ class Utf8Stream:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, data: bytes) -> str:
-        return self._decoder.decode(data)
+        #: push(data: bytes) -> str: the decoder's own method (called once per token)
+        self.push: Callable[[bytes], str] = self._decoder.decode
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
