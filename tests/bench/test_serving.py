@@ -19,7 +19,13 @@ def test_dry_run_prints_the_plan() -> None:
     assert done.returncode == 0, done.stderr
     assert "concurrency sweep 1, 2, 8 streams" in done.stdout
     assert "systems: llm-api, llama-server; transformers rows: True" in done.stdout
-    assert "medians of 1 alternating round(s)" in done.stdout
+    assert "medians of 1 alternating round(s) x 1 interleaved run(s)" in done.stdout
+
+
+def test_runs_per_round_default_to_three() -> None:
+    done = run("--dry-run", "--rounds", "2")
+    assert done.returncode == 0, done.stderr
+    assert "medians of 2 alternating round(s) x 3 interleaved run(s)" in done.stdout
 
 
 def test_unknown_system_is_a_clear_error() -> None:
