@@ -155,6 +155,30 @@ def test_prefix_reuse_returns_the_cold_text(engine: LlamaBatchEngine) -> None:
     assert_clean(engine)
 
 
+def test_a_slot_other_than_the_lowest_free_one_only_for_a_long_shared_prefix(
+        engine: LlamaBatchEngine) -> None:
+    from backends.llama_batch import REUSE_MIN
+
+    story = " ".join(f"w{i}" for i in range(60))  # well over REUSE_MIN tokens
+    assert len(engine._backend.tokenize(story)) > REUSE_MIN + 8
+    run(engine, [GenerationRequest(prompt=f"filler {i}", params=GREEDY) for i in range(5)]
+        + [GenerationRequest(prompt=story, params=GREEDY)])  # story's tokens stay in slot 5
+    for key in range(5):  # slots 0-4 taken, then cancelled: emptied
+        engine.admit(key, GenerationRequest(prompt="x", params=GREEDY))
+    for key in range(5):
+        engine.cancel(key)
+    assert engine.slots[5].cached and not any(s.cached for s in engine.slots[:5])
+    short = GenerationRequest(prompt=story.split()[0] + " w1 zebra", params=GREEDY)
+    engine.admit(10, short)  # shares a few tokens with slot 5: the lowest free slot wins
+    engine.admit(11, GenerationRequest(prompt=story + " and more", params=GREEDY))
+    assert engine._by_key[10].id == 0 and engine._by_key[11].id == 5
+    before = engine.reused_tokens
+    for key in (10, 11):
+        engine.cancel(key)
+    assert engine.reused_tokens == before
+    assert_clean(engine)
+
+
 def test_a_thousand_mixed_requests_leave_no_orphans(engine: LlamaBatchEngine) -> None:
     rng = random.Random(8)
     requests: list[GenerationRequest] = []
