@@ -93,7 +93,7 @@ class LlamaBackend(Backend):
         self._engine: LlamaBatchEngine | None = None
         self._n_ctx = int(llm.n_ctx())  # read once: /ready may ask while the engine closes
         self._vocab = llm._model.vocab
-        self.pieces: dict[int, bytes] = {}
+        self._pieces: dict[int, bytes] = {}
         template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
         self._chat = self._formatter(template) if template else None
         caps = {GENERATE, TOKENIZE, JSON_OUTPUT, LOGPROBS} | (
@@ -186,9 +186,9 @@ class LlamaBackend(Backend):
         return self._engine
 
     def piece(self, token: int) -> bytes:
-        piece = self.pieces.get(token)
+        piece = self._pieces.get(token)
         if piece is None:
-            piece = self.pieces[token] = self._llm._model.token_to_piece(token).rstrip(b"\0")
+            piece = self._pieces[token] = self._llm._model.token_to_piece(token).rstrip(b"\0")
         return piece
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:

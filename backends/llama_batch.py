@@ -78,9 +78,6 @@ class Sequence:
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
     sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
 
-    def __post_init__(self) -> None:
-        self.decode = self.text.push
-
 
 @dataclass
 class Slot:
@@ -132,9 +129,8 @@ class LlamaBatchEngine(BatchEngine):
             batch.n_seq_id[i] = 1
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
         self._eog: dict[int, bool] = {}  # token -> end of generation (llama_vocab_is_eog)
-        self._pieces = backend.pieces  # token -> bytes, filled by backend.piece
         self.slots = [Slot(i) for i in range(parallel)]
-        self._running: list[Slot] = []  # slots with a sequence, in id order (rebuilt, not mutated)
+        self._running: list[Slot] = []  # slots with a sequence, in id order (_index_running)
         self._by_key: dict[int, Slot] = {}
         self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
 
@@ -150,8 +146,8 @@ class LlamaBatchEngine(BatchEngine):
             raise ContextLengthExceeded(
                 prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
                 context_length=self.context_length, sequences=self.max_sequences)
-        slot = self._pick_slot(tokens)
-        reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        slot, shared = self._pick_slot(tokens)
+        reuse = min(shared, len(tokens) - 1)
         self._quick.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
         self.reused_tokens += reuse
@@ -164,20 +160,26 @@ class LlamaBatchEngine(BatchEngine):
             seq.early.append(Chunk(text=request.prompt))
         slot.seq = seq
         self._by_key[key] = slot
-        self._running = [s for s in self.slots if s.seq is not None]
+        self._index_running()
         return Chunk(prompt_tokens=len(tokens))
 
-    def _pick_slot(self, tokens: list[int]) -> Slot:
+    def _index_running(self) -> None:
+        """Rebuild (never mutate: `step` may be iterating it) the id-ordered running slots."""
+        self._running = [s for s in self.slots if s.seq is not None]
+
+    def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """The lowest free slot, unless another free one's cache shares at least REUSE_MIN
         more leading tokens with the prompt. llama.cpp decodes sequences whose ids are not
         consecutive in separate sub-batches (with 4 sequences, ids 0,2,5,7 took 23 ms a step
         against 14 ms for 0-3), so a gap in the running ids costs every step of a stream,
-        while a short shared prefix saves a few prompt tokens once."""
-        free = [slot for slot in self.slots if slot.seq is None]
-        lowest = free[0]
-        best = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.id))
-        gain = _common_prefix(best.cached, tokens) - _common_prefix(lowest.cached, tokens)
-        return best if gain >= REUSE_MIN else lowest
+        while a short shared prefix saves a few prompt tokens once. Returns the slot and how
+        many leading tokens its cache shares with the prompt."""
+        shared = [(_common_prefix(slot.cached, tokens), slot) for slot in self.slots
+                  if slot.seq is None]
+        lowest = shared[0]
+        best = max(shared, key=lambda pair: (pair[0], -pair[1].id))
+        chosen = best if best[0] - lowest[0] >= REUSE_MIN else lowest
+        return chosen[1], chosen[0]
 
     def _sampler(self, params: Any, grammar: Any) -> Any:
         lib = self._lib
@@ -214,9 +216,10 @@ class LlamaBatchEngine(BatchEngine):
         running = self._running  # admit/retire build a new list: safe to iterate
         for slot in running:
             seq = slot.seq
-            if seq.early:  # type: ignore[union-attr]
-                out.extend((seq.key, chunk) for chunk in seq.early)  # type: ignore[union-attr]
-                seq.early.clear()  # type: ignore[union-attr]
+            assert seq is not None
+            if seq.early:
+                out.extend((seq.key, chunk) for chunk in seq.early)
+                seq.early.clear()
         filled = self._fill(running)
         self.before_decode()
         if filled:
@@ -281,8 +284,7 @@ class LlamaBatchEngine(BatchEngine):
             self._retire(slot, seq, "stop", out)
             return
         seq.count += 1
-        piece = self._pieces.get(token)
-        text = seq.decode(piece if piece is not None else self._backend.piece(token))
+        text = seq.text.push(self._backend.piece(token))
         hit_stop = False
         if seq.stops.stops:
             text, hit_stop = seq.stops.push(text)
@@ -295,8 +297,6 @@ class LlamaBatchEngine(BatchEngine):
             self._retire(slot, seq, "stop", out, flush=False)
         elif seq.count >= seq.max_tokens:
             self._retire(slot, seq, "length", out)
-        elif seq.count > 1:
-            seq.todo[0] = token  # _fill leaves a generating sequence's one-token list in place
         else:
             seq.todo = [token]
 
@@ -325,7 +325,7 @@ class LlamaBatchEngine(BatchEngine):
         self._quick.llama_sampler_free(seq.sampler)
         del self._by_key[seq.key]
         slot.seq = None
-        self._running = [s for s in self.slots if s.seq is not None]
+        self._index_running()
         if not keep_cache:
             self._quick.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
             slot.cached.clear()
