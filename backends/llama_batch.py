@@ -8,17 +8,23 @@ sequence plus prompt tokens of newly admitted ones, capped at `prompt_chunk` per
 prompt cannot stall the running streams. Every request samples with its own sampler chain
 (grammar, penalties, top-k/top-p/min-p/temperature and a seeded dist, or greedy).
 
-A sequence gets the lowest free slot (so the running ids stay consecutive: llama.cpp splits a
-batch at every gap), unless another free slot's cached tokens share at least REUSE_MIN more
-leading tokens with its prompt (a chat's earlier turns, a long system prompt); the cells after
-the first mismatch are removed. A finished sequence's cells stay with its slot for that reuse;
-a cancelled one's are removed.
+The running ids are kept consecutive: llama.cpp decodes each run of consecutive ids as its
+own sub-batch, so every gap costs every step one more pass over the weights (4 sequences at ids
+0,2,5,7 took 23 ms a step against 14 ms at 0-3). A new sequence takes the free slot that fills
+a gap or extends the running block, unless another free slot's cached tokens share at least
+REUSE_MIN more leading tokens with its prompt (a chat's earlier turns, a long system prompt);
+the cells after the first mismatch are removed. A finished sequence's cells stay with its slot
+for that reuse; a cancelled one's are removed. When sequences finish out of order and nothing
+waits to fill the gap, the sequences outside the fullest window of ids move into its free
+ids (`llama_memory_seq_cp` copies a sequence's whole KV stream), if they still have enough
+tokens to generate for the copy to pay off (`move_steps`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -133,6 +139,19 @@ class LlamaBatchEngine(BatchEngine):
         self._running: list[Slot] = []  # slots with a sequence, in id order (_index_running)
         self._by_key: dict[int, Slot] = {}
         self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
+        self.moves = 0  # sequences moved to close a gap in the running ids
+        self.move_steps = self._steps_to_repay_a_move(backend.model_pointer)
+
+    def _steps_to_repay_a_move(self, model: Any) -> int:
+        """Steps a sequence must still run for moving it to pay off. A move copies one
+        sequence's whole KV stream (read and write, f16 K and V of every cell of every layer);
+        a gap costs each step one more sub-batch, about one more read of the weights."""
+        lib = self._lib
+        heads = max(1, int(lib.llama_model_n_head(model)))
+        kv_width = int(lib.llama_model_n_embd(model) * lib.llama_model_n_head_kv(model)) // heads
+        stream = 2 * int(lib.llama_model_n_layer(model)) * self.context_length * kv_width * 2
+        weights = max(1, int(lib.llama_model_size(model)))
+        return max(1, math.ceil(2 * stream / weights))
 
     # -- admission -------------------------------------------------------------------------
 
@@ -168,18 +187,59 @@ class LlamaBatchEngine(BatchEngine):
         self._running = [s for s in self.slots if s.seq is not None]
 
     def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
-        """The lowest free slot, unless another free one's cache shares at least REUSE_MIN
-        more leading tokens with the prompt. llama.cpp decodes sequences whose ids are not
-        consecutive in separate sub-batches (with 4 sequences, ids 0,2,5,7 took 23 ms a step
-        against 14 ms for 0-3), so a gap in the running ids costs every step of a stream,
+        """The free slot that keeps the running ids consecutive (`_adjacent_free`), unless
+        another free one's cache shares at least REUSE_MIN more leading tokens with the
+        prompt: a gap costs every step of every stream (or a move of a whole KV stream),
         while a short shared prefix saves a few prompt tokens once. Returns the slot and how
         many leading tokens its cache shares with the prompt."""
+        near = self._adjacent_free()
         shared = [(_common_prefix(slot.cached, tokens), slot) for slot in self.slots
                   if slot.seq is None]
-        lowest = shared[0]
+        baseline = next(pair for pair in shared if pair[1] is near)
         best = max(shared, key=lambda pair: (pair[0], -pair[1].id))
-        chosen = best if best[0] - lowest[0] >= REUSE_MIN else lowest
+        chosen = best if best[0] - baseline[0] >= REUSE_MIN else baseline
         return chosen[1], chosen[0]
+
+    def _adjacent_free(self) -> Slot:
+        """The lowest free slot in a gap of the running ids, else the one just below them,
+        else just above; the lowest free slot when none runs."""
+        running = self._running
+        if not running:
+            return next(slot for slot in self.slots if slot.seq is None)
+        low, high = running[0].id, running[-1].id
+        gap = next((s for s in self.slots[low:high] if s.seq is None), None)
+        if gap is not None:
+            return gap
+        return self.slots[low - 1] if low > 0 else self.slots[high + 1]
+
+    def _compact(self) -> None:
+        """Make the running ids consecutive again after sequences finished out of order:
+        choose the window of ids holding the most running sequences and move the others into
+        its free slots, each only if it may still run `move_steps` steps. The moved
+        sequence's old slot keeps a copy of its cells for prefix reuse."""
+        running = self._running
+        n = len(running)
+        if n < 2 or running[-1].id - running[0].id == n - 1:
+            return
+        ids = {slot.id for slot in running}
+        start = max(range(len(self.slots) - n + 1),
+                    key=lambda a: (sum(i in ids for i in range(a, a + n)), -a))
+        free = [self.slots[i] for i in range(start, start + n) if i not in ids]
+        outside = [s for s in running if not start <= s.id < start + n]
+        for src, dst in zip(outside, free, strict=True):
+            seq = src.seq
+            assert seq is not None
+            if seq.max_tokens - seq.count + len(seq.todo) - 1 < self.move_steps:
+                continue  # ends soon: the gap closes by itself
+            if src.cached:  # copied at the next decode, before its batch is placed
+                self._lib.llama_memory_seq_cp(self._mem, src.id, dst.id, -1, -1)
+            else:
+                self._quick.llama_memory_seq_rm(self._mem, dst.id, -1, -1)
+            dst.cached, src.cached = src.cached, list(src.cached)
+            dst.seq, src.seq = seq, None
+            self._by_key[seq.key] = dst
+            self.moves += 1
+        self._index_running()
 
     def _sampler(self, params: Any, grammar: Any) -> Any:
         lib = self._lib
@@ -213,6 +273,7 @@ class LlamaBatchEngine(BatchEngine):
 
     def step(self) -> list[tuple[int, Chunk | Any]]:
         out: list[tuple[int, Chunk | Any]] = []
+        self._compact()
         running = self._running  # admit/retire build a new list: safe to iterate
         for slot in running:
             seq = slot.seq

@@ -67,13 +67,18 @@ class Plan:
         self.sweep_tokens = 16 if quick else 96
         self.stagger = (8, 16 if quick else 96, 0.2)  # streams, tokens, gap (s)
         self.chat = (40 if quick else 120, 16 if quick else 64, 8)  # words, turn-1, turn-2 tokens
+        # 8 streams together, short and long alternating: the short ones end first and leave
+        # gaps between the running sequence ids (llama.cpp splits a batch at each gap)
+        self.mixed = (8, 16, 64) if quick else (24, 192, 48, 168, 72, 144, 96, 120)
 
     def describe(self) -> str:
         streams, tokens, gap = self.stagger
         return (f"single stream x {self.single[0]} and x {self.single[1]} tokens; "
                 f"concurrency sweep {', '.join(map(str, self.sweep))} streams x "
                 f"{self.sweep_tokens} tokens together; {streams} streams x {tokens} tokens "
-                f"arriving {gap} s apart; 2-turn chat (turn-1 user message ~{self.chat[0]} words,"
+                f"arriving {gap} s apart; {len(self.mixed)} streams together of mixed lengths "
+                f"({', '.join(map(str, self.mixed))} tokens); "
+                f"2-turn chat (turn-1 user message ~{self.chat[0]} words,"
                 f" {self.chat[1]} tokens; time to first token of turn 2)")
 
 
@@ -82,11 +87,12 @@ def completion(rng: random.Random, tokens: int) -> dict[str, Any]:
             "temperature": 0}
 
 
-def _check(streams: list[Stream], tokens: int) -> int:
+def _check(streams: list[Stream], tokens: int | list[int]) -> int:
     total = sum(s.tokens for s in streams)
-    off = [s.tokens for s in streams if s.tokens != tokens]
+    wanted = tokens if isinstance(tokens, list) else [tokens] * len(streams)
+    off = [(s.tokens, want) for s, want in zip(streams, wanted, strict=True) if s.tokens != want]
     if off:  # a stream cut short, or (llama-cpp-python) chunks that are not one per token
-        print(f"  note: {len(off)} stream(s) counted {off[:4]} tokens, not {tokens}",
+        print(f"  note: {len(off)} stream(s) counted (tokens, asked) {off[:4]}",
               file=sys.stderr)
     return total
 
@@ -100,9 +106,10 @@ def case_single(port: int, rng: random.Random, tokens: int) -> Metrics:
             f"1x{tokens} TTFT s": result.ttft}
 
 
-def case_together(port: int, rng: random.Random, n: int, tokens: int,
+def case_together(port: int, rng: random.Random, n: int, tokens: int | list[int],
                   gap: float = 0.0) -> tuple[float, list[Stream]]:
-    bodies = [completion(rng, tokens) for _ in range(n)]
+    lengths = tokens if isinstance(tokens, list) else [tokens] * n
+    bodies = [completion(rng, length) for length in lengths]
     streams, wall = together(port, "/v1/completions", bodies, gap)
     return _check(streams, tokens) / wall, streams
 
@@ -147,6 +154,12 @@ def cases(plan: Plan) -> list[tuple[str, Case]]:
                 f"{n}x{tokens} staggered TTFT p50 s": statistics.median(s.ttft for s in streams)}
 
     out.append(("staggered", staggered))
+
+    def mixed(port: int, rng: random.Random) -> Metrics:
+        rate, _ = case_together(port, rng, len(plan.mixed), list(plan.mixed))
+        return {f"{len(plan.mixed)} mixed lengths tok/s": rate}
+
+    out.append(("mixed", mixed))
     out.append(("chat", lambda port, rng: case_chat(port, rng, *plan.chat)))
     return out
 

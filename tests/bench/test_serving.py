@@ -18,6 +18,7 @@ def test_dry_run_prints_the_plan() -> None:
     done = run("--quick", "--dry-run", "--systems", "llm-api,llama-server")
     assert done.returncode == 0, done.stderr
     assert "concurrency sweep 1, 2, 8 streams" in done.stdout
+    assert "3 streams together of mixed lengths (8, 16, 64 tokens)" in done.stdout
     assert "systems: llm-api, llama-server; transformers rows: True" in done.stdout
     assert "medians of 1 alternating round(s) x 1 interleaved run(s)" in done.stdout
 
