@@ -1,14 +1,17 @@
 """llama.cpp through llama-cpp-python: GGUF files, CPU or GPU.
 
-llama_cpp is imported when a model loads, never at import time, so validating settings or
-serving other families does not need it.
+The weights are loaded once (llama-cpp-python's `LlamaModel`, no context of its own); every
+generation runs in the continuous-batching engine's context (backends/llama_batch.py), so the
+KV cache is allocated once. llama_cpp is imported when a model loads, never at import time, so
+validating settings or serving other families does not need it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
-import secrets
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,13 +38,12 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
-from backends.grammar import json_grammar
-from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
-    from llama_cpp import Llama
+    from llama_cpp._internals import LlamaModel
 
     from backends.llama_batch import LlamaBatchEngine
+    from backends.llama_embed import LlamaEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,19 @@ class LlamaParams(ModelParams):
                                   "generation; default: llama.cpp's choice (physical cores).")
     n_threads_batch: int | None = Field(None, ge=1, le=1024, description="CPU threads for "
                                         "prompt processing; default: n_threads.")
-    n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens per decode call.")
+    n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens per decode call "
+                         "while no other sequence is generating (see prompt_chunk).")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")
     main_gpu: int = Field(0, ge=0, description="GPU used for the model when not split.")
     flash_attn: bool | Literal["auto"] = Field(
-        "auto", description="Flash attention: true, false or auto (llama.cpp decides; the "
-        "serial context of logprobs-free direct calls uses it only when true).")
+        "auto", description="Flash attention: true, false or auto (llama.cpp decides).")
     parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together (continuous "
                           "batching). Each gets its own n_ctx tokens: the KV cache holds "
                           "n_ctx x parallel cells.")
     prompt_chunk: int = Field(256, ge=1, le=65_536, description="Prompt tokens fed per "
                               "batched decode step while other sequences are generating, so "
                               "a long prompt never stalls running streams for long (with "
-                              "none generating, up to max(prompt_chunk, 512) a step).")
+                              "none generating, up to max(prompt_chunk, n_batch) a step).")
     use_mmap: bool = Field(True, description="Map the file instead of reading it.")
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "
@@ -82,19 +84,23 @@ class LlamaBackend(Backend):
     family = "llama"
     Params = LlamaParams
 
-    def __init__(self, llm: Llama, params: LlamaParams, path: str) -> None:
+    _backend_ready = False  # llama_backend_init ran (once per process)
+    _init_lock = threading.Lock()
+
+    def __init__(self, model: LlamaModel, params: LlamaParams) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
-        self._llm = llm
+        self._model = model
         self._params = params
-        self._path = path
-        self._embedder: Llama | None = None
+        self._embedder: LlamaEmbedder | None = None
         self._engine: LlamaBatchEngine | None = None
-        self._n_ctx = int(llm.n_ctx())  # read once: /ready may ask while the engine closes
-        self._vocab = llm._model.vocab
+        self._n_ctx = params.n_ctx or model.n_ctx_train()  # until the engine says per sequence
+        self._vocab = model.vocab
+        self._n_vocab = model.n_vocab()
         self._pieces: dict[int, bytes] = {}
-        template = params.chat_template or llm.metadata.get("tokenizer.chat_template")
+        self._keys = itertools.count()  # keys of direct `generate` calls in the engine
+        template = params.chat_template or model.metadata().get("tokenizer.chat_template")
         self._chat = self._formatter(template) if template else None
         caps = {GENERATE, TOKENIZE, JSON_OUTPUT, LOGPROBS} | (
             {EMBED} if params.embeddings else set())
@@ -102,35 +108,46 @@ class LlamaBackend(Backend):
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Backend:
-        from llama_cpp import Llama
+        """The weights only: the batching engine makes the one context that generates."""
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp._logger import set_verbose
 
         params = spec.params
         assert isinstance(params, LlamaParams)
         if spec.path is None or not spec.path.is_file():
             raise ModelLoadError(f"model '{spec.name}': the llama family needs a .gguf file, "
                                  f"got '{spec.path}'")
+        set_verbose(params.verbose)
+        with cls._init_lock:
+            if not cls._backend_ready:
+                llama_cpp.llama_backend_init()
+                LlamaBackend._backend_ready = True
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if params.n_gpu_layers == -1 else \
+            params.n_gpu_layers  # INT32 max: every layer
+        model_params.main_gpu = params.main_gpu
+        model_params.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if params.use_mmap and params.use_mlock else
+            llama_cpp.LLAMA_LOAD_MODE_MLOCK if params.use_mlock else
+            llama_cpp.LLAMA_LOAD_MODE_MMAP if params.use_mmap else
+            llama_cpp.LLAMA_LOAD_MODE_NONE)
         try:
-            llm = Llama(model_path=str(spec.path), **cls._engine_kwargs(params))
+            model = LlamaModel(path_model=str(spec.path), params=model_params,
+                               verbose=params.verbose)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             raise ModelLoadError(f"model '{spec.name}': '{spec.path.name}' could not be loaded "
                                  "by llama.cpp (not a valid GGUF file?)") from exc
-        return cls(llm, params, str(spec.path))
-
-    @staticmethod
-    def _engine_kwargs(params: LlamaParams) -> dict[str, Any]:
-        kwargs = params.model_dump(exclude={"chat_template", "embeddings",
-                                            "normalize_embeddings", "parallel", "prompt_chunk"})
-        kwargs["flash_attn"] = params.flash_attn is True
-        return kwargs
+        return cls(model, params)
 
     def _formatter(self, template: str) -> Any:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         def token_text(token: int) -> str:
-            return self._llm._model.token_get_text(token) if token >= 0 else ""
+            return self._model.token_get_text(token) if token >= 0 else ""
 
-        return Jinja2ChatFormatter(template=template, eos_token=token_text(self._llm.token_eos()),
-                                   bos_token=token_text(self._llm.token_bos()))
+        return Jinja2ChatFormatter(template=template, eos_token=token_text(
+            self._model.token_eos()), bos_token=token_text(self._model.token_bos()))
 
     @property
     def context_length(self) -> int:
@@ -142,11 +159,11 @@ class LlamaBackend(Backend):
     # -- text ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def detokenize(self, ids: list[int]) -> str:
         """llama.cpp's own detokenizer: drops BOS/EOS and the SPM leading space."""
-        n_vocab = self._llm.n_vocab()
+        n_vocab = self._n_vocab
         if any(not 0 <= i < n_vocab for i in ids):
             raise InvalidRequest(f"token ids must be between 0 and {n_vocab - 1}", param="ids")
         tokens = (self._lib.llama_token * len(ids))(*ids)
@@ -173,7 +190,7 @@ class LlamaBackend(Backend):
 
     @property
     def model_pointer(self) -> Any:
-        return self._llm._model.model
+        return self._model.model
 
     def batch_engine(self) -> BatchEngine:
         """The continuous-batching engine (one context of `parallel` sequences)."""
@@ -181,21 +198,22 @@ class LlamaBackend(Backend):
             from backends.llama_batch import LlamaBatchEngine
 
             p = self._params
-            self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.flash_attn,
-                                            p.n_threads, p.n_threads_batch)
+            self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.n_batch,
+                                            p.flash_attn, p.n_threads, p.n_threads_batch)
         return self._engine
 
     def piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self._llm._model.token_to_piece(token).rstrip(b"\0")
+            piece = self._pieces[token] = self._model.token_to_piece(token).rstrip(b"\0")
         return piece
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             # The template writes the special tokens (BOS included) itself.
             prompt = self.apply_chat_template(request.messages)
-            return list(self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+            return list(self._model.tokenize(prompt.encode("utf-8"), add_bos=False,
+                                             special=True))
         prompt = request.prompt or ""
         suffix = request.params.suffix
         if suffix is None:
@@ -212,53 +230,32 @@ class LlamaBackend(Backend):
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        params = request.params
-        tokens = self.prompt_tokens(request)
-        grammar = json_grammar(params)
-        room = self.context_length - len(tokens)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room or room <= 0:
-            raise ContextLengthExceeded(prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
-                                        context_length=self.context_length)
-        yield Chunk(prompt_tokens=len(tokens))
-        if params.echo and request.prompt:
-            yield Chunk(text=request.prompt)
-        self._llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
-        text, stops = Utf8Stream(), StopMatcher(params.stop)
-        count, finish, hit_stop = 0, "length", False
-        for token in self._llm.generate(
-                tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                temp=params.temperature, repeat_penalty=params.repeat_penalty,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty, grammar=grammar):
-            if self._lib.llama_vocab_is_eog(self._vocab, token):
-                finish = "stop"
-                break
-            count += 1
-            piece, hit_stop = stops.push(text.push(self.piece(token)))
-            scored = () if params.logprobs is None else (self._logprob(token, params.logprobs),)
-            yield Chunk(text=piece, logprobs=scored)
-            if hit_stop:
-                finish = "stop"
-                break
-            if count >= max_tokens:
-                break
-        if not hit_stop:
-            tail, _ = stops.push(text.flush())
-            if tail := tail + stops.flush():
-                yield Chunk(text=tail)
-        yield Chunk(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=count)
-
-    def _logprob(self, token: int, top: int) -> TokenLogprob:
-        """The sampled token's log-probability from the logits it was sampled from (the
-        last row llama.cpp computed; the next decode runs only after the caller resumes)."""
-        return self.score(self._llm._ctx.get_logits_ith(-1), token, top)
+        """One request through the batching engine, stepped here until it ends (direct use:
+        the server's scheduler drives the engine itself and never calls this). Closing the
+        iterator early cancels the sequence."""
+        engine = self.batch_engine()
+        key = next(self._keys)
+        yield engine.admit(key, request)
+        done = False
+        try:
+            while not done:
+                for owner, chunk in engine.step():
+                    if owner != key:
+                        continue
+                    if isinstance(chunk, Exception):
+                        done = True
+                        raise chunk
+                    yield chunk
+                    done = chunk.finish_reason is not None
+        finally:
+            if not done:
+                engine.cancel(key)
 
     def score(self, row: Any, token: int, top: int) -> TokenLogprob:
         """`token`'s log-probability in a row of logits, and the `top` likeliest tokens."""
         import numpy as np
 
-        n_vocab = self._llm.n_vocab()
+        n_vocab = self._n_vocab
         logits = np.ctypeslib.as_array(row, shape=(n_vocab,))
         peak = float(logits.max())
         logprobs = logits - (peak + float(np.log(np.exp(logits - peak).sum())))
@@ -275,32 +272,33 @@ class LlamaBackend(Backend):
             raise CapabilityNotSupported("Embeddings are disabled for this model "
                                          "(model_params.embeddings: false).")
         embedder = self._embedding_context()
-        limit = int(embedder.n_ctx())
-        for i, text in enumerate(texts):
-            n = len(embedder.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-            if n > limit:
-                raise ContextLengthExceeded(prompt_tokens=n, max_tokens=0, context_length=limit,
+        limit = embedder.context_length
+        # text is data: strings like "<s>" are not read as special tokens
+        token_lists = [list(self._model.tokenize(text.encode("utf-8"), add_bos=True,
+                                                 special=False)) for text in texts]
+        for i, tokens in enumerate(token_lists):
+            if len(tokens) > limit:
+                raise ContextLengthExceeded(prompt_tokens=len(tokens), max_tokens=0,
+                                            context_length=limit,
                                             param=f"text[{i}]" if len(texts) > 1 else "text")
-        vectors: list[list[float]] = embedder.embed(
-            texts, normalize=self._params.normalize_embeddings, truncate=False)
-        return vectors
+        return embedder.embed(token_lists)
 
-    def _embedding_context(self) -> Llama:
+    def _embedding_context(self) -> LlamaEmbedder:
+        """Created on the first embeddings request, over the loaded weights."""
         if self._embedder is None:
-            from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+            from backends.llama_embed import LlamaEmbedder
 
-            kwargs = self._engine_kwargs(self._params)
-            n_ctx = self.context_length
-            kwargs.update(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, embedding=True,
-                          pooling_type=LLAMA_POOLING_TYPE_MEAN)
-            self._embedder = Llama(model_path=self._path, **kwargs)
+            p = self._params
+            self._embedder = LlamaEmbedder(self.model_pointer, self.context_length,
+                                           p.n_threads, p.n_threads_batch, p.flash_attn is True,
+                                           p.normalize_embeddings, p.verbose)
         return self._embedder
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-        for llm in (self._embedder, self._llm):
-            if llm is not None:
-                llm.close()
-        self._embedder = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        self._model.close()  # type: ignore[no-untyped-call]

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64
-PROMPT_BATCH = 512  # prompt tokens per decode when no other sequence is generating
 REUSE_MIN = 32  # shared prompt tokens that make a slot other than the lowest free one worth it
 
 #: Calls of the step loop that take microseconds: made through twins that keep the GIL.
@@ -98,7 +97,7 @@ class LlamaBatchEngine(BatchEngine):
     calls_before_decode = True
 
     def __init__(self, backend: LlamaBackend, parallel: int, prompt_chunk: int,
-                 flash_attn: bool | str, n_threads: int | None,
+                 prompt_batch: int, flash_attn: bool | str, n_threads: int | None,
                  n_threads_batch: int | None) -> None:
         import llama_cpp as lib
 
@@ -112,8 +111,8 @@ class LlamaBatchEngine(BatchEngine):
         params.n_ctx = self.context_length * parallel
         params.n_seq_max = parallel
         # A prompt is fed `prompt_chunk` tokens a step while other sequences generate, and up
-        # to a whole batch (at least PROMPT_BATCH tokens, llama-server's ubatch) when none do.
-        self._batch_size = max(prompt_chunk, PROMPT_BATCH) + parallel
+        # to a whole batch (at least `prompt_batch` tokens, n_batch) when none do.
+        self._batch_size = max(prompt_chunk, prompt_batch) + parallel
         params.n_batch = params.n_ubatch = self._batch_size
         if n_threads:
             params.n_threads = n_threads

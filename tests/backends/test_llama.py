@@ -59,7 +59,7 @@ def test_tokenize_roundtrip(backend: LlamaBackend) -> None:
     for text in ("hello world", "héllo wörld ✓ 日本", "a\nb\tc"):
         ids = backend.tokenize(text, add_special=False)
         assert backend.detokenize(ids) == text
-    assert backend.tokenize("hi")[0] == backend._llm.token_bos()
+    assert backend.tokenize("hi")[0] == backend._model.token_bos()
     with pytest.raises(InvalidRequest, match="token ids must be"):
         backend.detokenize([1, 10**6])
 
@@ -100,6 +100,34 @@ def test_embeddings_are_mean_pooled_and_normalised(backend: LlamaBackend) -> Non
     assert sum(x * x for x in vectors[0]) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ContextLengthExceeded):
         backend.embed(["word " * 400])
+
+
+def test_embeddings_match_llama_cpp_python_and_run_on_the_loaded_weights(
+        backend: LlamaBackend) -> None:
+    from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama, llama_get_model
+
+    texts = ["hello world", "something else entirely", "héllo wörld ✓ 日本", "<s> is text here"]
+    ours = backend.embed(texts)  # packed into one decode
+    reference = Llama(model_path=str(TINY_GGUF), n_ctx=256, n_batch=256, n_ubatch=256,
+                      embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, verbose=False)
+    try:
+        theirs = reference.embed(texts, normalize=True)
+    finally:
+        reference.close()
+    for mine, other in zip(ours, theirs, strict=True):
+        assert mine == pytest.approx(other, abs=1e-5)
+    assert backend._embedder is not None  # one copy of the weights: the generating model's
+    assert llama_get_model(backend._embedder._ctx) == backend.model_pointer
+
+
+def test_closing_a_generation_early_frees_its_sequence(backend: LlamaBackend) -> None:
+    stream = backend.generate(GenerationRequest(prompt="hello", params=GenerationParams(
+        temperature=0, max_tokens=50)))
+    assert next(stream).prompt_tokens and next(stream).text
+    engine = backend.batch_engine()
+    assert engine.active() == 1
+    stream.close()
+    assert engine.active() == 0
 
 
 def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]

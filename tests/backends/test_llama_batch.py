@@ -306,6 +306,29 @@ def test_http_concurrent_streams_and_cancellations_free_every_slot(server: LiveS
     assert_clean(server_engine(server))
 
 
+def test_http_mixed_lengths_together_match_alone(server: LiveServer) -> None:
+    """Requests of different lengths end out of order (the engine may move sequences to
+    close the gaps): each text is the one it gets alone."""
+    bodies = [{"model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0}
+              for p, n in zip(PROMPTS[:4], (3, 30, 6, 24), strict=True)]
+    expected = [server.client.post("/v1/completions", json=b).json()["choices"][0]["text"]
+                for b in bodies]
+    results: dict[int, str] = {}
+
+    def complete(i: int) -> None:
+        results[i] = httpx.post(f"{server.url}/v1/completions", json=bodies[i],
+                                timeout=120).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=complete, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [results[i] for i in range(4)] == expected
+    wait_for(lambda: server.model_stats("tiny")["running"] == 0, what="idle engine")
+    assert_clean(server_engine(server))
+
+
 def test_http_embeddings_arriving_together_match_alone(server: LiveServer) -> None:
     texts = [f"text number {i}" for i in range(6)]
     alone_vectors = [server.client.post("/v1/embeddings", json={
