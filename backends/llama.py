@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -84,9 +83,6 @@ class LlamaBackend(Backend):
     family = "llama"
     Params = LlamaParams
 
-    _backend_ready = False  # llama_backend_init ran (once per process)
-    _init_lock = threading.Lock()
-
     def __init__(self, model: LlamaModel, params: LlamaParams) -> None:
         import llama_cpp
 
@@ -119,10 +115,7 @@ class LlamaBackend(Backend):
             raise ModelLoadError(f"model '{spec.name}': the llama family needs a .gguf file, "
                                  f"got '{spec.path}'")
         set_verbose(params.verbose)
-        with cls._init_lock:
-            if not cls._backend_ready:
-                llama_cpp.llama_backend_init()
-                LlamaBackend._backend_ready = True
+        llama_cpp.llama_backend_init()  # idempotent: timer, f16 tables, backends if none
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if params.n_gpu_layers == -1 else \
             params.n_gpu_layers  # INT32 max: every layer
