@@ -128,20 +128,39 @@ class Job:
 
 
 class JobStream:
-    """Async iteration over a running job; `close()` cancels it (idempotent)."""
+    """Async iteration over a running job; `close()` cancels it (idempotent).
+
+    A subclass that needs to see every item and the end (the meter does) overrides
+    `observe` and `ended` rather than wrapping the iteration in another generator: this
+    loop runs once per streamed token."""
 
     def __init__(self, job: Job, first: Any) -> None:
         self._job = job
         self.first = first
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        out, observe = self._job.out, self.observe
+        error: BaseException | None = None
         try:
             item = self.first
             while item is not _END:
+                observe(item)
                 yield item
-                item = await self._job.next()
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.close()
+            await self.ended(error)
+
+    def observe(self, item: Any) -> None:
+        """Called with each item before it is yielded."""
+
+    async def ended(self, error: BaseException | None) -> None:
+        """Called once the iteration ends: `error` is what ended it, None at the end."""
 
     def close(self) -> None:
         self._job.cancel()

@@ -101,23 +101,15 @@ class MeteredStream(JobStream):
     """A job's stream that reports its chunks to its ticket and settles it at the end."""
 
     def __init__(self, inner: JobStream, ticket: Ticket) -> None:  # noqa: D107
-        self._inner, self._ticket, self.first = inner, ticket, inner.first
+        super().__init__(inner._job, inner.first)
+        self._ticket = ticket
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        status = 200
-        try:
-            async for chunk in self._inner:
-                if isinstance(chunk, Chunk):
-                    self._ticket.observe(chunk)
-                yield chunk
-        except BaseException as exc:
-            status = status_of(exc)
-            raise
-        finally:
-            await self._ticket.settle(status)
+    def observe(self, item: Any) -> None:
+        if isinstance(item, Chunk):
+            self._ticket.observe(item)
 
-    def close(self) -> None:
-        self._inner.close()
+    async def ended(self, error: BaseException | None) -> None:
+        await self._ticket.settle(200 if error is None else status_of(error))
 
 
 async def start_clamped(scheduler: ModelScheduler, request: GenerationRequest,
@@ -166,22 +158,18 @@ async def _complete(stream: JobStream) -> Completed:
 
 
 async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest],
-                         meter: Meter) -> AsyncIterator[tuple[int, Chunk]]:
-    """(choice index, chunk) of each request in turn. The first one is started (and its
-    prompt accepted) before this returns, so early errors are plain errors."""
+                         meter: Meter) -> AsyncIterator[tuple[int, JobStream]]:
+    """Each request's stream in turn, with its choice index; each one is started when the
+    previous one has ended, the first before this returns (so early errors are plain
+    errors). The caller iterates (and closes) each stream itself: no layer per token."""
     first = await start_generation(scheduler, requests[0], meter)
 
-    async def chunks() -> AsyncIterator[tuple[int, Chunk]]:
+    async def streams() -> AsyncIterator[tuple[int, JobStream]]:
         for index, request in enumerate(requests):
-            stream = first if index == 0 else await start_generation(scheduler, request,
-                                                                      meter)
-            try:
-                async for chunk in stream:
-                    yield index, chunk
-            finally:
-                stream.close()
+            yield index, first if index == 0 else await start_generation(scheduler, request,
+                                                                          meter)
 
-    return chunks()
+    return streams()
 
 
 async def collect(stream: JobStream) -> tuple[str, Chunk | None]:

@@ -35,6 +35,7 @@ from app.responses_openai import (
     new_id,
     now,
 )
+from app.scheduler import JobStream
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.sse import EventStream, data_event
 from backends.base import Chunk
@@ -43,7 +44,8 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger(__name__)
 
 Frame = bytes | dict[str, str]
-Choices = AsyncIterator[tuple[int, Chunk]]
+_json_string = json.JSONEncoder(ensure_ascii=False).encode  # built once: per token
+Choices = AsyncIterator[tuple[int, JobStream]]
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
@@ -155,7 +157,7 @@ def _text_event(build: Callable[[str], BaseModel],
     if len(tail) != 1:  # the marker is not where the text goes: dump every event
         return lambda text: data_event(build(text).model_dump_json(exclude=exclude))
     before, after = b"data: " + head.encode(), tail[0].encode() + b"\n\n"
-    return lambda text: before + json.dumps(text, ensure_ascii=False).encode() + after
+    return lambda text: before + _json_string(text).encode() + after
 
 
 def _text_events(build: Callable[[int, str], BaseModel],
@@ -177,11 +179,15 @@ async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
     `[DONE]`) when the generation fails after the stream began."""
     finals: list[Chunk] = []
     try:
-        async for index, chunk in choices:
-            if chunk.finish_reason is not None:
-                finals.append(chunk)
-            if (out := frame(index, chunk)) is not None:
-                yield out
+        async for index, stream in choices:
+            try:
+                async for chunk in stream:
+                    if chunk.finish_reason is not None:
+                        finals.append(chunk)
+                    if (out := frame(index, chunk)) is not None:
+                        yield out
+            finally:
+                stream.close()
         if usage is not None:
             yield usage(finals)
         yield {"data": "[DONE]"}
