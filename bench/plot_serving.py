@@ -19,7 +19,7 @@ def main(source: str, target: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for system, metrics in data["llama"].items():
         points = sorted((int(k.split()[1]), v) for k, v in metrics.items()
-                        if k.startswith("sweep "))
+                        if k.startswith("sweep ") and k.endswith(" tok/s"))
         if not points:
             continue
         xs = [x for x, _ in points]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from randmodel import build  # noqa: E402
 from serving_client import Stream, stream, together, unique_prefix  # noqa: E402
 from serving_hf import run_hf  # noqa: E402
-from serving_report import hf_table, llama_table  # noqa: E402
+from serving_report import hf_table, llama_table, paired_table  # noqa: E402
 from serving_systems import (  # noqa: E402
     BENCH,
     BENCH_PYTHON,
@@ -132,6 +132,17 @@ def case_chat(port: int, rng: random.Random, words: int, first: int, second: int
 
 
 Case = Callable[[int, random.Random], Metrics]
+TARGET_STREAMS = 8  # the case with a throughput target: its phases are reported too
+
+
+def phases(streams: list[Stream], name: str) -> Metrics:
+    """Where a together case's time goes: until each stream's first token (the prompts'
+    prefill and admission) and per token after it (the decode steps), medians over streams."""
+    origin = min(s.start for s in streams)
+    return {f"{name} first token s": statistics.median((s.first or s.end) - origin
+                                                        for s in streams),
+            f"{name} ms per token after the first": statistics.median(
+                1000 * (s.end - (s.first or s.end)) / max(1, s.tokens - 1) for s in streams)}
 
 
 def cases(plan: Plan) -> list[tuple[str, Case]]:
@@ -143,8 +154,10 @@ def cases(plan: Plan) -> list[tuple[str, Case]]:
         out.append((f"1x{tokens}", single))
     for n in plan.sweep:
         def sweep(port: int, rng: random.Random, n: int = n) -> Metrics:
-            rate, _ = case_together(port, rng, n, plan.sweep_tokens)
-            return {f"sweep {n} tok/s": rate}
+            rate, streams = case_together(port, rng, n, plan.sweep_tokens)
+            if n != TARGET_STREAMS:
+                return {f"sweep {n} tok/s": rate}
+            return {f"sweep {n} tok/s": rate, **phases(streams, f"sweep {n}")}
         out.append((f"sweep {n}", sweep))
 
     def staggered(port: int, rng: random.Random) -> Metrics:
@@ -237,8 +250,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-tokens", type=int, default=None, help="tokens per request of "
                         "the transformers rows (default 64; 16 with --quick)")
     parser.add_argument("--out", type=Path, default=CACHE, help="where JSON and PNG go")
-    parser.add_argument("--report", type=Path, help="only print the tables (and plot) of a "
-                        "saved results JSON")
+    parser.add_argument("--report", type=Path, nargs="+", help="only print the tables (and "
+                        "plot) of saved results JSON, and llm-api ÷ llama-server pooled over "
+                        "the back-to-back pairs of all of them")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.reps = args.reps or (1 if args.quick else 3)
@@ -267,6 +281,8 @@ def report(data: dict[str, Any], results_json: Path) -> None:
     if data.get("llama"):
         systems = list(data["llama"])
         print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], systems))
+        if CPP in systems and OURS in systems:
+            print("\n## paired (back-to-back runs)\n\n" + paired_table([data["llama"]]))
     if data.get("hf"):
         print("\n## transformers (8 concurrent requests)\n\n" + hf_table(data["hf"]))
     drawn = plot(results_json, results_json.with_suffix(".png")) if data.get("llama") else \
@@ -277,7 +293,13 @@ def report(data: dict[str, Any], results_json: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.report:
-        return report(json.loads(args.report.read_text()), args.report)
+        runs = [json.loads(path.read_text()) for path in args.report]
+        for data, path in zip(runs, args.report, strict=True):
+            report(data, path)
+        pooled = [data["llama"] for data in runs if data.get("llama")]
+        if pooled:
+            print(f"\n## paired, {len(pooled)} result(s) pooled\n\n" + paired_table(pooled))
+        return None
     plan = Plan(args.quick)
     print(header(args, plan), flush=True)
     if args.dry_run:
