@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         for data, path in zip(runs, args.report, strict=True):
             report(data, path)
         pooled = [data["llama"] for data in runs if data.get("llama")]
-        if pooled:
+        if len(pooled) > 1:  # one result: report() printed its pairs already
             print(f"\n## paired, {len(pooled)} result(s) pooled\n\n" + paired_table(pooled))
         return None
     plan = Plan(args.quick)
