@@ -18,6 +18,11 @@ for that reuse; a cancelled one's are removed. When sequences finish out of orde
 waits to fill the gap, the sequences outside the fullest window of ids move into its free
 ids (`llama_memory_seq_cp` copies a sequence's whole KV stream), if they still have enough
 tokens to generate for the copy to pay off (`move_steps`).
+
+Greedy sequences (temperature 0, no penalties, no grammar) need no sampler chain: one numpy
+argmax over the logits of every output row of the step picks all their tokens at once, the
+same first-highest token llama.cpp's greedy sampler picks, without a chain call per sequence
+(each fills a candidate array of the whole vocabulary).
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ REUSE_MIN = 32  # shared prompt tokens that make a slot other than the lowest fr
 #: must win the GIL back from the event loop (which may be busy sending the last step's
 #: tokens), and those waits lay on the critical path between two `llama_decode` calls.
 QUICK_CALLS = ("llama_sampler_sample", "llama_vocab_is_eog", "llama_get_logits_ith",
-               "llama_memory_seq_rm", "llama_sampler_free")
+               "llama_get_logits", "llama_memory_seq_rm", "llama_sampler_free")
+
+
+#: Of those, calls whose pointer result is wanted as a plain address (an int).
+ADDRESS_CALLS = ("llama_get_logits",)
 
 
 def gil_holding(lib: Any, names: tuple[str, ...]) -> Any:
@@ -64,6 +73,8 @@ def gil_holding(lib: Any, names: tuple[str, ...]) -> Any:
     for name in names:
         declared, fn = getattr(lib, name), getattr(twin, name)
         fn.argtypes, fn.restype = declared.argtypes, declared.restype
+        if name in ADDRESS_CALLS:
+            fn.restype = ctypes.c_void_p
         calls[name] = fn
     return type("QuickCalls", (), calls)
 
@@ -73,13 +84,14 @@ class Sequence:
     key: int
     prompt: int  # prompt tokens
     max_tokens: int
-    sampler: Any
+    sampler: Any  # the request's sampler chain; None: greedy, picked by the step's argmax
     stops: StopMatcher
     logprobs: int | None
     todo: list[int]  # tokens to feed next (the prompt's rest, then the last sampled one)
     text: Utf8Stream = field(default_factory=Utf8Stream)
     count: int = 0  # tokens generated; > 0: `todo` holds just the last sampled one
     row: int = -1  # batch row of this step's output, -1: none
+    output: int = -1  # its index among the step's output rows (llama_get_logits order)
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
     sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
 
@@ -133,6 +145,8 @@ class LlamaBatchEngine(BatchEngine):
         for i in range(params.n_batch):
             batch.n_seq_id[i] = 1
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
+        self._outputs_n = 0  # output rows of the current step
+        self._views: dict[tuple[int, int], Any] = {}  # (address, rows) -> numpy logits view
         self._eog: dict[int, bool] = {}  # token -> end of generation (llama_vocab_is_eog)
         self.slots = [Slot(i) for i in range(parallel)]
         self._running: list[Slot] = []  # slots with a sequence, in id order (_index_running)
@@ -169,8 +183,10 @@ class LlamaBatchEngine(BatchEngine):
         self._quick.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
         self.reused_tokens += reuse
+        greedy = params.temperature <= 0 and grammar is None and not _penalised(params)
         seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
-                       sampler=self._sampler(params, grammar), stops=StopMatcher(params.stop),
+                       sampler=None if greedy else self._sampler(params, grammar),
+                       stops=StopMatcher(params.stop),
                        logprobs=params.logprobs, todo=tokens[reuse:],
                        sample=self._lib.llama_sampler_sample if grammar is not None
                        else self._quick.llama_sampler_sample)
@@ -247,8 +263,9 @@ class LlamaBatchEngine(BatchEngine):
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(chain, sampler)
 
-        if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-            add(lib.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty,
+        if _penalised(params):
+            add(lib.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N,
+                                                 params.repeat_penalty,
                                                  params.frequency_penalty,
                                                  params.presence_penalty))
         if grammar is not None:
@@ -287,11 +304,34 @@ class LlamaBatchEngine(BatchEngine):
             if status != 0:
                 log.error("llama_decode failed with status %s", status)
                 raise BackendFailure()
+        picks = self._greedy_picks(running) if filled else []
         for slot in running:
             seq = slot.seq
             if seq is not None and seq.row >= 0:
-                self._sample(slot, seq, out)
+                self._sample(slot, seq, out, picks)
         return out
+
+    def _greedy_picks(self, running: list[Slot]) -> list[int]:
+        """The highest-logit token of every output row of the step (by output index), when a
+        greedy sequence has a row; else nothing."""
+        if not any(s.seq is not None and s.seq.sampler is None and s.seq.row >= 0
+                   for s in running):
+            return []
+        address = self._quick.llama_get_logits(self._ctx)  # rows in batch order
+        if not isinstance(address, int):  # the GIL-releasing fallback: a ctypes pointer
+            address = ctypes.cast(address, ctypes.c_void_p).value
+        key = (address, self._outputs_n)
+        view = self._views.get(key)
+        if view is None:
+            import numpy as np
+
+            if len(self._views) > 64:
+                self._views.clear()
+            cells = (ctypes.c_float * (self._outputs_n * self._n_vocab)).from_address(address)
+            view = self._views[key] = np.frombuffer(cells, dtype=np.float32).reshape(
+                self._outputs_n, self._n_vocab)
+        picks: list[int] = view.argmax(axis=1).tolist()
+        return picks
 
     def _fill(self, running: list[Slot]) -> int:
         """Put this step's tokens into the batch, by slot id; returns how many. A generating
@@ -299,7 +339,7 @@ class LlamaBatchEngine(BatchEngine):
         tokens, positions, outputs, row_seq = self._tokens, self._pos, self._outputs, \
             self._row_seq
         budget = -1  # prompt tokens this step may still take; -1: not yet known
-        n = 0
+        n = outputs_n = 0
         for slot in running:  # in id order
             seq = slot.seq
             assert seq is not None
@@ -311,7 +351,8 @@ class LlamaBatchEngine(BatchEngine):
                 row_seq[n][0] = slot.id
                 outputs[n] = True
                 cached.append(token)
-                seq.row = n
+                seq.row, seq.output = n, outputs_n
+                outputs_n += 1
                 n += 1
                 continue
             if budget < 0:
@@ -330,12 +371,16 @@ class LlamaBatchEngine(BatchEngine):
             del seq.todo[:take]
             if take and not seq.todo:
                 outputs[n - 1] = True
-                seq.row = n - 1
+                seq.row, seq.output = n - 1, outputs_n
+                outputs_n += 1
         self._batch.n_tokens = n
+        self._outputs_n = outputs_n
         return n
 
-    def _sample(self, slot: Slot, seq: Sequence, out: list[tuple[int, Chunk | Any]]) -> None:
-        token = seq.sample(seq.sampler, self._ctx, seq.row)
+    def _sample(self, slot: Slot, seq: Sequence, out: list[tuple[int, Chunk | Any]],
+                picks: list[int]) -> None:
+        token = picks[seq.output] if seq.sampler is None else \
+            seq.sample(seq.sampler, self._ctx, seq.row)
         eog = self._eog.get(token)
         if eog is None:
             eog = self._eog[token] = bool(self._quick.llama_vocab_is_eog(
@@ -382,7 +427,8 @@ class LlamaBatchEngine(BatchEngine):
     def _free(self, slot: Slot, keep_cache: bool) -> None:
         seq = slot.seq
         assert seq is not None
-        self._quick.llama_sampler_free(seq.sampler)
+        if seq.sampler is not None:
+            self._quick.llama_sampler_free(seq.sampler)
         del self._by_key[seq.key]
         slot.seq = None
         self._index_running()
@@ -406,6 +452,11 @@ class LlamaBatchEngine(BatchEngine):
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self._ctx)
             self._ctx = None
+
+
+def _penalised(params: Any) -> bool:
+    return bool(params.repeat_penalty != 1.0 or params.presence_penalty
+                or params.frequency_penalty)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

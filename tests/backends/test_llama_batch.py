@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from backends.base import Chunk, GenerationParams, GenerationRequest, ModelSpec
 from backends.errors import ContextLengthExceeded, InvalidRequest, LLMAPIError
 from backends.llama import LlamaBackend, LlamaParams
+from backends import llama_batch
 from backends.llama_batch import LlamaBatchEngine
 from tests.conftest import TINY_GGUF, LiveServer, assert_error, parse_sse, tiny_config, wait_for
 
@@ -85,6 +87,40 @@ def test_greedy_output_is_the_same_alone_and_batched(engine: LlamaBatchEngine) -
     batched = run(engine, requests)
     assert [batched[i] for i in range(8)] == single
     assert len(set(single)) > 1  # the prompts lead somewhere different
+
+
+def test_greedy_argmax_picks_what_llama_cpps_greedy_sampler_picks(
+        engine: LlamaBatchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy sequences take the step's numpy argmax instead of a sampler chain: the same
+    tokens as a chain ending in llama.cpp's greedy sampler, batched with sampled sequences and
+    a long prompt fed in chunks meanwhile (so output rows and batch rows differ)."""
+    sampled = GenerationParams(temperature=0.9, seed=7, max_tokens=12)
+    requests = [GenerationRequest(prompt=p, params=sampled if i % 3 == 1 else GREEDY)
+                for i, p in enumerate(PROMPTS[:7])]
+    requests.append(GenerationRequest(prompt=" ".join(["word"] * 40), params=GREEDY))
+    fast = run(engine, requests)
+    assert all(slot.seq is None for slot in engine.slots)
+    # neutral penalties make `admit` build a chain (penalties that change nothing, greedy)
+    monkeypatch.setattr(llama_batch, "_penalised", lambda params: True)
+    engine.admit(0, requests[0])
+    assert engine.slots[0].seq is not None and engine.slots[0].seq.sampler is not None
+    engine.cancel(0)
+    assert run(engine, requests) == fast
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("penalty", [{"repeat_penalty": 1.5}, {"frequency_penalty": 2.0},
+                                     {"presence_penalty": 2.0}])
+def test_penalties_steer_greedy_away_from_repeats(engine: LlamaBatchEngine,
+                                                  penalty: dict[str, float]) -> None:
+    plain = GenerationParams(temperature=0, max_tokens=24)
+    request = GenerationRequest(prompt="hello world", params=plain)
+    text = alone(engine, request)
+    penalised = alone(engine, GenerationRequest(prompt="hello world",
+                                                params=dataclasses.replace(plain, **penalty)))
+    assert text.count("ring") >= 3  # the tiny model's greedy text repeats a piece
+    assert penalised != text and penalised.count("ring") < text.count("ring")
+    assert_clean(engine)
 
 
 def test_before_decode_runs_once_per_step_ahead_of_its_sampling(engine: LlamaBatchEngine) -> None:
@@ -278,6 +314,17 @@ def test_http_context_limit_is_a_clear_400(server: LiveServer) -> None:
                  ("512 tokens per sequence", "4 sequences run in parallel"))
     card = server.client.get("/v1/models/tiny").json()
     assert card["context_length"] == 512
+
+
+def test_http_openai_penalties_change_the_completion(server: LiveServer) -> None:
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 24, "temperature": 0}
+    texts = []
+    for extra in ({}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                  {"repeat_penalty": 1.5}):
+        response = server.client.post("/v1/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["choices"][0]["text"])
+    assert all(text != texts[0] for text in texts[1:])
 
 
 def test_http_concurrent_streams_and_cancellations_free_every_slot(server: LiveServer) -> None:
