@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from backends import llama_batch
 from backends.base import Chunk, GenerationParams, GenerationRequest, ModelSpec
 from backends.errors import ContextLengthExceeded, InvalidRequest, LLMAPIError
 from backends.llama import LlamaBackend, LlamaParams
-from backends import llama_batch
 from backends.llama_batch import LlamaBatchEngine
 from tests.conftest import TINY_GGUF, LiveServer, assert_error, parse_sse, tiny_config, wait_for
 
