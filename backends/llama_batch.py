@@ -146,7 +146,7 @@ class LlamaBatchEngine(BatchEngine):
             batch.n_seq_id[i] = 1
         self._n_vocab = lib.llama_vocab_n_tokens(backend.vocab)
         self._outputs_n = 0  # output rows of the current step
-        self._views: dict[tuple[int, int], Any] = {}  # (address, rows) -> numpy logits view
+        self._view: tuple[tuple[int, int], Any] = ((0, 0), None)  # (address, rows), numpy view
         self._eog: dict[int, bool] = {}  # token -> end of generation (llama_vocab_is_eog)
         self.slots = [Slot(i) for i in range(parallel)]
         self._running: list[Slot] = []  # slots with a sequence, in id order (_index_running)
@@ -321,15 +321,13 @@ class LlamaBatchEngine(BatchEngine):
         if not isinstance(address, int):  # the GIL-releasing fallback: a ctypes pointer
             address = ctypes.cast(address, ctypes.c_void_p).value
         key = (address, self._outputs_n)
-        view = self._views.get(key)
-        if view is None:
+        cached, view = self._view
+        if cached != key:  # the buffer moved or the step has another number of rows
             import numpy as np
 
-            if len(self._views) > 64:
-                self._views.clear()
             cells = (ctypes.c_float * (self._outputs_n * self._n_vocab)).from_address(address)
-            view = self._views[key] = np.frombuffer(cells, dtype=np.float32).reshape(
-                self._outputs_n, self._n_vocab)
+            view = np.frombuffer(cells, dtype=np.float32).reshape(self._outputs_n, self._n_vocab)
+            self._view = (key, view)
         picks: list[int] = view.argmax(axis=1).tolist()
         return picks
 
