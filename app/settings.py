@@ -36,6 +36,9 @@ DEFAULT_CONFIG = Path("config.yaml")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+MIN_ADMIN_KEY_CHARS = 32
+
+
 class SettingsError(Exception):
     """A setting is invalid; the message names the key path and where it came from."""
 
@@ -103,6 +106,19 @@ class ServerSettings(BaseModel):
                                     "comments on streaming responses.")
     graceful_shutdown_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long "
                                              "open requests may finish before they are cut.")
+    body_read_timeout: float = Field(30.0, gt=0, description="Seconds a client may take to "
+                                     "send a request body; slower bodies get 408.")
+    max_body_reads: int = Field(64, ge=1, le=100_000, description="Request bodies read at "
+                                "once (after authentication); more wait their turn.")
+    max_prompt_chars_per_token: int = Field(8, ge=1, le=1000, description="A prompt may hold "
+                                            "at most this many characters per token of the "
+                                            "model's context; longer ones get 400 before any "
+                                            "tokenization.")
+    max_grammar_repeat: int = Field(500, ge=1, le=100_000, description="Largest repetition "
+                                    "bound a JSON schema may ask for (maxLength, maxItems, "
+                                    "{m,n} in a pattern); larger ones get 400.")
+    max_grammar_bytes: int = Field(65_536, ge=1024, le=10_000_000, description="Largest "
+                                   "grammar a JSON schema may turn into (GBNF bytes).")
 
 
 class AuthSettings(BaseModel):
@@ -112,11 +128,16 @@ class AuthSettings(BaseModel):
 
     enabled: bool = Field(True, description="Require an API key on every route except "
                           "/health, /ready and /check; false serves everyone (with a warning).")
-    admin_key: SecretStr | None = Field(None, min_length=16, description="An admin key to "
+    admin_key: SecretStr | None = Field(None, min_length=32, description="An admin key to "
                                         "accept (its hash is stored); without it and without "
                                         "keys, the first start creates one and prints it once.")
     admin_key_file: Path | None = Field(None, description="A file holding the admin key "
                                         "(e.g. a mounted secret), instead of admin_key.")
+    failed_auth_limit: int = Field(10, ge=1, le=1_000_000, description="Failed "
+                                   "authentications one client address may make in "
+                                   "failed_auth_window seconds; more get 429 with Retry-After.")
+    failed_auth_window: float = Field(60.0, gt=0, description="Seconds over which failed "
+                                      "authentications are counted per client address.")
 
     def configured_admin_key(self) -> str | None:
         """The admin key from admin_key or admin_key_file, if one is configured."""
@@ -128,9 +149,9 @@ class AuthSettings(BaseModel):
             except OSError as exc:
                 raise SettingsError(f"auth.admin_key_file '{self.admin_key_file}' cannot be "
                                     f"read: {exc.strerror}") from None
-            if len(key) < 16:
+            if len(key) < MIN_ADMIN_KEY_CHARS:
                 raise SettingsError(f"auth.admin_key_file '{self.admin_key_file}' must hold "
-                                    "a key of at least 16 characters")
+                                    f"a key of at least {MIN_ADMIN_KEY_CHARS} characters")
             return key
         return None
 
