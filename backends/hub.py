@@ -40,6 +40,7 @@ from backends.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 _GLOB = re.compile(r"[*?\[]")
+_DRIVE = re.compile(r"[A-Za-z]:")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -52,7 +53,29 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def repo_dir(models_dir: Path, repo_id: str) -> Path:
+def _unsafe(name: str) -> bool:
+    """Whether `name` could land outside the folder it is joined to: absolute, a drive, a
+    backslash (a separator on Windows, a trap on POSIX), or an empty, `.` or `..` part."""
+    return (not name or name.startswith("/") or "\\" in name or _DRIVE.match(name) is not None
+            or any(part in ("", ".", "..") for part in name.split("/")))
+
+
+def check_inside(name: str, context: str) -> str:
+    """`name` as a path inside its repository folder, or a ModelLoadError. Names
+    come from the config, from a glob matched against the hub's listing and from a snapshot's
+    file list: the hub is not trusted to keep downloads inside models_dir. `context` starts
+    the message."""
+    if _unsafe(name):
+        raise ModelLoadError(f"{context}'{name}' is not a path inside the repository (it must "
+                             "be relative, with no '..', '.' or empty parts and no backslash)")
+    return name
+
+
+def repo_dir(models_dir: Path, repo_id: str, where: str = "setup_params") -> Path:
+    """`<models_dir>/<owner>/<repo>`; a repo_id that would leave models_dir is refused."""
+    if _unsafe(repo_id):
+        raise ModelLoadError(f"{where}.repo_id '{repo_id}' is not a repository id such as "
+                             "'owner/name' (it would leave models_dir)")
     return models_dir / Path(*repo_id.split("/"))
 
 
@@ -81,7 +104,8 @@ def _folder_lock(folder: Path) -> threading.RLock:
 def fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | None = None,
                where: str = "setup_params") -> Path:
     """Return the local path of `filename` from `repo_id`, downloading it if needed."""
-    with _folder_lock(repo_dir(models_dir, repo_id)):
+    check_inside(filename, f"{where}.filename: ")
+    with _folder_lock(repo_dir(models_dir, repo_id, where)):
         return _fetch_file(models_dir, repo_id, filename, revision, where)
 
 
@@ -158,6 +182,9 @@ def _sha256(path: Path) -> str:
 def _resolve_glob(repo_id: str, pattern: str, revision: str | None, where: str) -> str:
     files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision)
     matches = [f for f in files if fnmatch.fnmatch(f, pattern)]
+    for name in matches:
+        check_inside(name, f"{where}.filename '{pattern}' matched a file of {repo_id} whose "
+                     "name ")
     if len(matches) != 1:
         ggufs = [f for f in files if f.endswith(".gguf")]
         found = "nothing" if not matches else ", ".join(matches)
@@ -242,7 +269,7 @@ def fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None = None,
     Once every file is in place a marker lists them; a later start finds the marker and the
     files and makes no request at all.
     """
-    with _folder_lock(repo_dir(models_dir, repo_id)):
+    with _folder_lock(repo_dir(models_dir, repo_id, where)):
         return _fetch_snapshot(models_dir, repo_id, revision, where, weights, tokenizer_only,
                                code)
 
@@ -268,6 +295,8 @@ def _fetch_snapshot(models_dir: Path, repo_id: str, revision: str | None, where:
     except Exception as exc:  # noqa: BLE001 - every hub failure is explained by _explain
         raise _explain(exc, repo_id, "the file list", revision, where, models_dir) from exc
     files = select_snapshot_files(listing, weights, tokenizer_only, code)
+    for name in files:
+        check_inside(name, f"{where}.repo_id: the hub lists a file of {repo_id} whose name ")
     if weights and not any(fnmatch.fnmatch(f, weights) for f in files):
         raise ModelLoadError(f"{where}.filename '{weights}' is not in {repo_id}; its files: "
                              f"{', '.join(listing[:50])}")
