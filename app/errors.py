@@ -102,6 +102,16 @@ class RateLimited(QuotaExceeded):
     """Over a key's rpm, tpm or max_parallel (429 with Retry-After)."""
 
 
+class TooManyFailedAuthentications(RateLimited):
+    """A client address over auth.failed_auth_limit (429 with Retry-After)."""
+
+
+class BodyReadTimeout(LLMAPIError):
+    """The request body did not arrive within server.body_read_timeout (408)."""
+
+    headers = {"Connection": "close"}  # a client that slow is not worth keeping
+
+
 class KeyNotFound(LLMAPIError):
     pass
 
@@ -135,7 +145,10 @@ ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (Forbidden, ErrorSpec(403, "permission_error", "forbidden")),
     (ModelNotFound, ErrorSpec(404, "invalid_request_error", "model_not_found")),
     (KeyNotFound, ErrorSpec(404, "invalid_request_error", "key_not_found")),
+    (BodyReadTimeout, ErrorSpec(408, "invalid_request_error", "request_body_timeout")),
     (PayloadTooLarge, ErrorSpec(413, "invalid_request_error", "payload_too_large")),
+    (TooManyFailedAuthentications, ErrorSpec(429, "rate_limit_error",
+                                             "too_many_failed_authentications")),
     (RateLimited, ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded")),
     (QuotaExceeded, ErrorSpec(429, "rate_limit_error", "quota_exceeded")),
     (Overloaded, ErrorSpec(503, "overloaded_error", "queue_full")),
