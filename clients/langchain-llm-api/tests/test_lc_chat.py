@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_llm_api import BadRequestError, ChatLLMAPI, InternalServerError, NotFoundError
@@ -18,11 +19,17 @@ from langchain_tests.unit_tests.chat_models import TEST_PYDANTIC_MODELS
 from lc_servers import RecordingEndpoint, ServerProcess
 from pydantic import BaseModel, Field
 
-CUT_JSON = ("the random-weight model fills the schema's unbounded strings with gibberish that "
-            "mostly runs past max_tokens (100), so the JSON is cut before `punchline` and the "
-            "pydantic parse fails (the dict variants pass: their parser accepts partial JSON); "
-            "the schema is enforced (see "
-            "test_structured_output_follows_the_schema); passes when a string ends early")
+CUT_JSON = ("the random-weight model fills the schema's unbounded `setup` string with gibberish "
+            "past the server's default_max_tokens (32), so the JSON is cut before `punchline` "
+            "and the pydantic parse raises OutputParserException (the dict variants pass: "
+            "their parser accepts partial JSON); the schema is enforced (see "
+            "test_structured_output_follows_the_schema)")
+# Only the pydantic variant fails, and always (greedy decoding, see chat_model_params).
+CUT = pytest.mark.xfail(reason=CUT_JSON, raises=OutputParserException, strict=True)
+SCHEMA_TYPES = [pytest.param("pydantic", marks=CUT), "typeddict", "json_schema"]
+# langchain_tests' test_no_overrides insists that an overridden standard test carries an
+# xfail mark with a reason; this one never applies (condition False): CUT marks the case.
+ONLY_THE_MARKED_CASE = pytest.mark.xfail(False, reason="only the 'pydantic' case: " + CUT_JSON)
 RANDOM_MODEL = ("the tiny test model has random weights: it cannot follow an instruction "
                 "or produce the requested keys without a schema")
 
@@ -226,7 +233,9 @@ class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {**self.server.client_params(), "model": "tiny"}
+        # Greedy: each case's outcome is the same on every run (sampled, the pydantic cases
+        # passed now and then, whenever the random model happened to close a string early).
+        return {**self.server.client_params(), "model": "tiny", "temperature": 0}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -252,21 +261,21 @@ class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
     def model_override_value(self) -> str:
         return "tiny2"
 
-    @pytest.mark.xfail(reason=RANDOM_MODEL, strict=True)
+    @pytest.mark.xfail(reason=RANDOM_MODEL, raises=OutputParserException, strict=True)
     def test_json_mode(self, model: Any) -> None:
         super().test_json_mode(model)
 
-    @pytest.mark.xfail(reason=CUT_JSON, strict=False)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @ONLY_THE_MARKED_CASE
+    @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
     def test_structured_output(self, model: Any, schema_type: str) -> None:
         super().test_structured_output(model, schema_type)
 
-    @pytest.mark.xfail(reason=CUT_JSON, strict=False)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @ONLY_THE_MARKED_CASE
+    @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
     async def test_structured_output_async(self, model: Any, schema_type: str) -> None:
         await super().test_structured_output_async(model, schema_type)
 
-    @pytest.mark.xfail(reason=CUT_JSON, strict=False)
+    @CUT
     def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
         super().test_structured_output_pydantic_2_v1(model)
 
