@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
+from llm_api_reverse.scripted import PIECES, PIECES_THEN_FAIL
 from openai import OpenAI
 
-from tests.conftest import LiveServer, assert_error
+from tests.conftest import LiveServer, assert_error, stream_events
 
 USER = [{"role": "user", "content": "hi"}]
 PERSON_WITH_BOUNDS = {"type": "object", "properties": {"age": {"type": "integer",
@@ -97,7 +99,8 @@ def test_error_bodies_are_openais_shape(v1: LiveServer) -> None:
     assert error["param"] == "model"
 
 
-def test_a_failure_mid_stream_is_an_error_frame(client: OpenAI, v1: LiveServer) -> None:
+def test_a_failure_before_the_first_piece_is_an_error_frame(client: OpenAI,
+                                                            v1: LiveServer) -> None:
     stream = client.completions.create(model="rev", prompt="fail", stream=True)
     with pytest.raises(openai.APIError) as caught:
         list(stream)
@@ -107,6 +110,69 @@ def test_a_failure_mid_stream_is_an_error_frame(client: OpenAI, v1: LiveServer) 
         raw = response.read().decode()
     assert '"error"' in raw and "[DONE]" not in raw and "secret" not in raw
     assert client.completions.create(model="rev", prompt="ok").choices[0].text == "ko"
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server over the `scripted` test family (tests/plugins/llm-api-reverse)."""
+    server = LiveServer({"models": {"script": {"model_family": "scripted"}}},
+                        tmp_path_factory.mktemp("scripted")).start()
+    yield server
+    server.stop()
+
+
+def _piece(path: str, data: str) -> str:
+    """The text of one streamed event of `path`."""
+    if path == "/agenerate":
+        return data
+    choice = json.loads(data)["choices"][0]
+    text: str = choice["delta"].get("content", "") if "delta" in choice else choice["text"]
+    return text
+
+
+MID_STREAM = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PIECES_THEN_FAIL}],
+                              "stream": True}),
+    ("/v1/completions", {"prompt": PIECES_THEN_FAIL, "stream": True}),
+    ("/agenerate", {"prompt": PIECES_THEN_FAIL}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), MID_STREAM, ids=[p for p, _ in MID_STREAM])
+def test_a_failure_mid_stream_ends_the_pieces_with_one_error_frame(
+        scripted: LiveServer, path: str, body: dict[str, Any]) -> None:
+    """The engine fails after two pieces were sent: the client has both pieces, then one
+    error frame in the one error shape (OpenAI's style on /v1: a `data:` event, no [DONE];
+    `event: error` on /agenerate), and nothing of the failure's internals."""
+    events = stream_events(scripted.client, {"model": "script", **body}, path)
+    *pieces, (kind, data) = events
+    assert [_piece(path, d) for _, d in pieces if _piece(path, d)] == list(PIECES)
+    assert all(k == "message" for k, _ in pieces)
+    assert kind == ("error" if path == "/agenerate" else "message")
+    error = json.loads(data)
+    assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param",
+                                                               "code"}
+    assert error["error"]["code"] == "backend_failure"
+    assert error["error"]["type"] == "server_error" and "server log" in error["error"]["message"]
+    assert "secret" not in data and "/srv" not in data and "Traceback" not in data
+    assert all(d != "[DONE]" for _, d in events)
+
+
+def test_the_sdk_gets_the_pieces_then_raises(scripted: LiveServer) -> None:
+    sdk = OpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=0)
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in sdk.chat.completions.create(model="script", stream=True, messages=[
+                {"role": "user", "content": PIECES_THEN_FAIL}]):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "".join(PIECES)
+    assert caught.value.body["code"] == "backend_failure"  # type: ignore[index]
+    with pytest.raises(openai.APIError) as caught:
+        for completion in sdk.completions.create(model="script", prompt=PIECES_THEN_FAIL,
+                                                 stream=True):
+            received.append(completion.choices[0].text)
+    assert "".join(received) == 2 * "".join(PIECES)
+    assert "secret" not in caught.value.message
 
 
 def test_a_loading_model_is_503(live_server: Any) -> None:
