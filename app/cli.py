@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app import __version__
 from app.cli_keys import keys_cli, usage
 from app.settings import Settings, SettingsError, load_settings, model_entries
+
+if TYPE_CHECKING:
+    import uvicorn
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Serve open LLMs behind a protected HTTP API.")
@@ -76,10 +81,29 @@ def serve(config: ConfigOption = None,
                                            log_level=settings.server.log_level,
                                            timeout_graceful_shutdown=int(
                                                settings.server.graceful_shutdown_seconds)))
+    _stop_on_signals(server)
     server.run()
     if failed:
         typer.echo("error: a model could not be loaded (see the log above)", err=True)
         raise typer.Exit(1)
+
+
+def _stop_on_signals(server: uvicorn.Server) -> None:
+    """Make SIGTERM and SIGINT a graceful shutdown that exits 0.
+
+    While it runs, uvicorn handles both itself (stop accepting, let requests finish for
+    graceful_shutdown_seconds, cancel the rest, run the lifespan shutdown). Afterwards it puts
+    back the handlers it found and raises the signal again, so that with the default handlers
+    the process dies of SIGTERM (-15) or raises KeyboardInterrupt (130) although it shut down
+    cleanly. These handlers are the ones it puts back: the re-raised signal just asks a
+    server that has already stopped to stop, and `serve` returns normally (a signal that
+    comes before uvicorn takes over stops the server as soon as it has started).
+    """
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 @cli.command()
