@@ -12,11 +12,18 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.api.conftest import capabilities
 from tests.conftest import LiveServer, assert_error, parse_sse
 
 USER = [{"role": "user", "content": "hello, who are you?"}]
 GREEDY = {"temperature": 0, "max_tokens": 16}
+
+# What each SDK model can do, as this suite expects it (not as the server says of itself):
+# test_models_list_and_retrieve checks the server declares exactly this, and the tests of
+# optional features expect their clear 400 exactly where a capability is missing here.
+EXPECTED_CAPABILITIES = {
+    "tiny": {"generate", "chat", "embed", "tokenize", "json_output", "logprobs"},
+    "tiny-hf": {"generate", "chat", "embed", "tokenize"},  # no grammar, no logprobs
+}
 
 
 def test_chat_completion_shape(client: OpenAI, model: str) -> None:
@@ -179,7 +186,8 @@ def test_models_list_and_retrieve(client: OpenAI, model: str) -> None:
     assert card.id == model and card.object == "model" and card.owned_by == "llm-api"
     assert card == listed[model]
     extra = card.model_extra or {}
-    assert {"generate", "chat"} <= set(extra["capabilities"]) and extra["state"] == "ready"
+    assert set(extra["capabilities"]) == EXPECTED_CAPABILITIES[model]
+    assert extra["state"] == "ready"
     assert listed["rev"].model_extra["capabilities"] == ["generate"]  # type: ignore[index]
 
 
@@ -195,23 +203,32 @@ PERSON = {
 }
 
 
-def without_capability(v1: LiveServer, model: str, capability: str) -> bool:
-    """True (after checking the clear 400) when `model` lacks an optional capability."""
-    if capability in capabilities(v1, model):
+# A request using each optional capability, and the word its refusal names.
+USING = {
+    ("/v1/chat/completions", "json_output"): (
+        {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", "logprobs"): ({"messages": USER, "logprobs": True}, "logprobs"),
+    ("/v1/completions", "logprobs"): ({"prompt": "the quick brown fox", "logprobs": 2},
+                                      "logprobs"),
+}
+
+
+def refused_as_expected(v1: LiveServer, model: str, capability: str,
+                        path: str = "/v1/chat/completions") -> bool:
+    """True when `model` is expected to lack `capability`: then a request using it is
+    checked to be a 400 naming it (and the caller has nothing more to test)."""
+    if capability in EXPECTED_CAPABILITIES[model]:
         return False
-    request = {"model": model, "messages": USER, "max_tokens": 4,
-               **({"logprobs": True} if capability == "logprobs" else
-                  {"response_format": {"type": "json_object"}})}
-    assert_error(v1.client.post("/v1/chat/completions", json=request), 400,
-                 "unsupported_capability",
-                 ("logprobs" if capability == "logprobs" else "response_format",))
+    body, names = USING[path, capability]
+    assert_error(v1.client.post(path, json={"model": model, "max_tokens": 4, **body}), 400,
+                 "unsupported_capability", (names,))
     return True
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_json_schema_output_parses_and_validates(client: OpenAI, v1: LiveServer, model: str,
                                                  seed: int) -> None:
-    if without_capability(v1, model, "json_output"):
+    if refused_as_expected(v1, model, "json_output"):
         return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "a person as JSON"}],
@@ -224,7 +241,7 @@ def test_json_schema_output_parses_and_validates(client: OpenAI, v1: LiveServer,
 
 
 def test_json_object_output_parses(client: OpenAI, v1: LiveServer, model: str) -> None:
-    if without_capability(v1, model, "json_output"):
+    if refused_as_expected(v1, model, "json_output"):
         return
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "JSON please"}], max_tokens=400,
@@ -251,7 +268,7 @@ def test_async_client(async_client: AsyncOpenAI, client: OpenAI, model: str) -> 
 
 
 def test_chat_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
-    if without_capability(v1, model, "logprobs"):
+    if refused_as_expected(v1, model, "logprobs"):
         return
     reply = client.chat.completions.create(model=model, messages=USER, logprobs=True,
                                            top_logprobs=3, **GREEDY)
@@ -281,7 +298,7 @@ def test_chat_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
 
 
 def test_completion_logprobs(client: OpenAI, v1: LiveServer, model: str) -> None:
-    if without_capability(v1, model, "logprobs"):
+    if refused_as_expected(v1, model, "logprobs", "/v1/completions"):
         return
     reply = client.completions.create(model=model, prompt="the quick brown fox", logprobs=2,
                                       echo=True, **GREEDY)
