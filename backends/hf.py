@@ -33,6 +33,7 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from backends.text import chat_template_refusals
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
@@ -212,14 +213,9 @@ class HFBackend(Backend):
             raise CapabilityNotSupported("This model has no chat template (its tokenizer "
                                          "defines none); use plain completion or set "
                                          "model_params.chat_template.", param="messages")
-        from jinja2 import TemplateError
-
-        try:
+        with chat_template_refusals():
             prompt: str = self._tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=True)
-        except TemplateError as exc:
-            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
-                                 param="messages") from None
         return prompt
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:

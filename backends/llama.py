@@ -37,6 +37,7 @@ from backends.errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from backends.text import chat_template_refusals
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaModel
@@ -174,7 +175,8 @@ class LlamaBackend(Backend):
             raise CapabilityNotSupported("This model has no chat template (the GGUF carries no "
                                          "tokenizer.chat_template); use plain completion or "
                                          "set model_params.chat_template.")
-        prompt: str = self._chat(messages=list(messages)).prompt
+        with chat_template_refusals():
+            prompt: str = self._chat(messages=list(messages)).prompt
         return prompt
 
     @property

@@ -1,12 +1,15 @@
-"""Incremental text assembly shared by backends: UTF-8 tails and stop strings.
-
-Both work in O(piece) per token: the completion is never re-decoded or re-scanned.
+"""Text handling shared by backends: incremental assembly (UTF-8 tails and stop strings, both
+O(piece) per token: the completion is never re-decoded or re-scanned) and chat templates'
+refusals of a conversation.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+from backends.errors import InvalidRequest
 
 
 class Utf8Stream:
@@ -82,3 +85,21 @@ class TokenTextStream:
         done = self._decode(self._ids[:self._read])
         text = self._decode(self._ids)
         return text[len(done):] if len(text) > len(done) else ""
+
+
+@contextlib.contextmanager
+def chat_template_refusals() -> Iterator[None]:
+    """Around a chat template's render: the template refusing the messages is the request's
+    fault, so it becomes a 400 that quotes the template's reason, not a 500.
+
+    Templates refuse with `raise_exception(...)` (Gemma: no system role; Mistral: roles must
+    alternate), which is a jinja2 TemplateError under transformers and a ValueError under
+    llama-cpp-python; messages a template cannot render at all raise TemplateError (e.g. an
+    undefined value) or TypeError (e.g. adding a string to None)."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except (TemplateError, ValueError, TypeError) as exc:
+        raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
+                             param="messages") from None
