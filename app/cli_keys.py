@@ -46,10 +46,12 @@ def open_store(config: Path | None) -> Iterator[KeyStore]:
     """The configured store, migrated; domain errors become 'error: ...' and exit 1."""
     try:
         settings = load_settings(config)
+        # The configured admin key is owned by the settings: the store refuses to rotate it.
+        configured = settings.auth.configured_admin_key() if settings.auth.enabled else None
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    store = KeyStore(settings.store_url())
+    store = KeyStore(settings.store_url(), configured_admin=configured)
     try:
         with store.exclusive():
             store.migrate()

@@ -15,8 +15,9 @@ from app import __version__
 from app.api import admin, docs, health, native, openai
 from app.auth.deps import admin_only, authenticate, guarded
 from app.auth.setup import install_store_errors, open_accounts, prepare_store
+from app.auth.throttle import make_throttle
 from app.errors import install_error_handlers
-from app.limits import BodySizeLimit
+from app.limits import BodyReads, RequestGate
 from app.pool import ModelPool
 from app.settings import Settings, model_entries
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         accounts = app.state.accounts = open_accounts(settings)
+        throttle = app.state.throttle = make_throttle(settings)
         await to_thread.run_sync(prepare_store, accounts.store, settings)
         pool = ModelPool(entries, settings.models_dir)
         app.state.pool = pool
@@ -44,6 +46,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
             watcher.cancel()
             await asyncio.to_thread(pool.stop)
             await accounts.limiter.close()
+            await throttle.close()
             accounts.store.close()
 
     app = FastAPI(title="llm-api", version=__version__, lifespan=lifespan,
@@ -53,7 +56,10 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app.state.started = int(time.time())
     install_error_handlers(app)
     install_store_errors(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
+    # Keys are checked from the headers before any body is read (app.limits).
+    reads = app.state.body_reads = BodyReads(settings.server.max_body_reads)
+    app.add_middleware(RequestGate, server=settings.server, reads=reads,
+                       open_routes=health.router.routes)
     # Every router but health's needs a key: include new routers with guarded() too.
     app.include_router(health.router)
     app.include_router(native.router, dependencies=guarded())

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from app import service
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
-from app.errors import InvalidParams, as_domain_error, sse_error_data
+from app.errors import InvalidParams, ModelNotFound, as_domain_error, sse_error_data
 from app.pool import ModelPool
 from app.responses_openai import (
     AssistantMessage,
@@ -119,9 +119,12 @@ async def list_models(request: Request, pool: PoolDep, meter: MeterDep) -> Model
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, request: Request, pool: PoolDep,
                          meter: MeterDep) -> ModelCard:
-    """One model; 404 `model_not_found` for a name that is not served."""
-    pool.get(model)
-    meter.allow(model)
+    """One model; 404 `model_not_found` for a name that is not served or that the key may
+    not use (the message lists only the models the key may use)."""
+    if model not in pool.schedulers or not meter.may_use(model):
+        usable = [name for name in pool.schedulers if meter.may_use(name)]
+        raise ModelNotFound(f"Model '{model}' is not available to this key; available: "
+                            f"{', '.join(usable) or 'none'}.", param="model")
     return _card(request, pool, model)
 
 

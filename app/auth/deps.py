@@ -6,19 +6,22 @@ a new route is authenticated by the way its router is included.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
+from starlette.types import Scope
 
 from app.auth.keys import MAX_SECRET_CHARS, now
 from app.auth.meter import Accounts, Meter
 from app.auth.schemas import KeyInfo
+from app.auth.throttle import Throttle, client_address
 from app.errors import AdminOnly, KeyNotValidNow, KeyRevoked, MissingKey, Unauthorized
 
 HOW = "Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+_KEY_STATE = "llm_api_key"  # the request's key, in scope["state"] (request.state)
 
 
 def get_accounts(request: Request) -> Accounts:
@@ -34,16 +37,16 @@ async def accounts_dep(request: Request) -> Accounts:
 AccountsDep = Annotated[Accounts, Depends(accounts_dep)]
 
 
-def presented_secret(request: Request) -> str:
+def presented_secret(headers: Mapping[str, str]) -> str:
     """The key in the Authorization (Bearer) or X-API-Key header; 401 when absent/malformed."""
-    header = request.headers.get("authorization")
+    header = headers.get("authorization")
     if header is not None:
         scheme, _, secret = header.strip().partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise Unauthorized(f"The Authorization header is malformed. {HOW}")
     else:
-        secret = (request.headers.get("x-api-key") or "").strip()
+        secret = (headers.get("x-api-key") or "").strip()
         if not secret:
             raise MissingKey(f"This route needs an API key. {HOW}")
     if len(secret) > MAX_SECRET_CHARS or any(c.isspace() for c in secret):
@@ -64,16 +67,41 @@ def check_valid_now(key: KeyInfo) -> None:
         raise KeyNotValidNow(f"This API key expired on {key.expires_at:%Y-%m-%d %H:%M} UTC.")
 
 
+async def identify(state: Any, headers: Mapping[str, str], address: str) -> KeyInfo:
+    """The caller's key, from the headers alone (`state` is the app's: accounts, throttle).
+
+    An address over the failed-authentication limit is refused before its key is looked up.
+    A presented key that is unknown, revoked or outside its validity counts as a failure; a
+    missing or malformed header does not (no key was tried)."""
+    accounts: Accounts = state.accounts
+    throttle: Throttle = state.throttle
+    await throttle.check(address)
+    secret = presented_secret(headers)
+    key = await to_thread.run_sync(accounts.store.find, secret)
+    try:
+        if key is None:
+            raise Unauthorized(f"The API key is not valid. {HOW}")
+        check_valid_now(key)
+    except Unauthorized:
+        await throttle.failed(address)
+        raise
+    return key
+
+
+def remember_key(scope: Scope, key: KeyInfo) -> None:
+    """Keep the key the request gate found for `authenticate` (one lookup per request)."""
+    scope.setdefault("state", {})[_KEY_STATE] = key
+
+
 async def authenticate(request: Request) -> KeyInfo | None:
-    """The caller's key (None when auth is disabled)."""
+    """The caller's key (None when auth is disabled): the one the request gate
+    (app.limits.RequestGate) found before the body was read."""
     accounts = get_accounts(request)
     if not accounts.enabled:
         return None
-    secret = presented_secret(request)
-    key = await to_thread.run_sync(accounts.store.find, secret)
-    if key is None:
-        raise Unauthorized(f"The API key is not valid. {HOW}")
-    check_valid_now(key)
+    key: KeyInfo | None = request.scope.get("state", {}).get(_KEY_STATE)
+    if key is None:  # a route the gate did not see as needing a key: check it here
+        key = await identify(request.app.state, request.headers, client_address(request.scope))
     return key
 
 

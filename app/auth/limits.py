@@ -1,10 +1,12 @@
 """Rate limits (rpm, tpm) and concurrent-request limits per key.
 
 Windows are fixed, aligned to the minute of the wall clock (UTC): a key with rpm=60 may send
-60 requests between 12:00:00 and 12:00:59, and the counters start again at 12:01:00. tpm
-counts the tokens reserved at admission (prompt + max_tokens), corrected to the real count
-when the request ends. The counters live in this process (`LocalLimiter`) or, with
-`redis_url`, in Redis (`RedisLimiter`) so that replicas share them.
+60 requests between 12:00:00 and 12:00:59, and the counters start again at 12:01:00. rpm
+counts every authenticated HTTP request once, when it arrives (`count_request`), and never
+gives it back: a request the model refuses still cost its turn. tpm counts the tokens
+reserved at admission (prompt + max_tokens), corrected to the real count when the request
+ends; max_parallel counts the generations running. The counters live in this process
+(`LocalLimiter`) or, with `redis_url`, in Redis (`RedisLimiter`) so that replicas share them.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ class Grant:
     window: int = 0
     tokens: int = 0
     parallel: bool = False
+    request: bool = False  # counted one request against rpm (a rollback gives it back)
 
 
 class Limiter(Protocol):
-    async def acquire(self, key: KeyInfo, tokens: int) -> Grant: ...
+    async def count_request(self, key: KeyInfo) -> None: ...
+
+    async def acquire(self, key: KeyInfo, tokens: int, count_request: bool = True
+                      ) -> Grant: ...
 
     async def finish(self, grant: Grant, used_tokens: int, rollback: bool = False) -> None: ...
 
@@ -78,26 +84,37 @@ class LocalLimiter:
         self._windows: dict[str, tuple[int, int, int]] = {}  # slot -> (window, requests, tokens)
         self._parallel: dict[str, int] = {}
 
-    async def acquire(self, key: KeyInfo, tokens: int) -> Grant:
+    async def count_request(self, key: KeyInfo) -> None:
+        """Count one HTTP request against rpm (429 when the window is full)."""
+        if key.rpm is not None:
+            self._take(key, 0, parallel=False, request=True, tpm=False)
+
+    async def acquire(self, key: KeyInfo, tokens: int, count_request: bool = True) -> Grant:
+        """Take a parallel slot and `tokens` of tpm (and a request of rpm unless the HTTP
+        request was already counted), all or nothing."""
         if not has_limits(key):
             return Grant()
+        return self._take(key, tokens, parallel=True, request=count_request, tpm=True)
+
+    def _take(self, key: KeyInfo, tokens: int, parallel: bool, request: bool,
+              tpm: bool) -> Grant:
         slot, now = slot_of(key), self.clock()
         window = int(now // WINDOW_SECONDS)
         running = self._parallel.get(slot, 0)
         seen, requests, used = self._windows.get(slot, (window, 0, 0))
         if seen != window:
             requests, used = 0, 0
-        if key.max_parallel is not None and running >= key.max_parallel:
+        parallel = parallel and key.max_parallel is not None
+        if parallel and key.max_parallel is not None and running >= key.max_parallel:
             raise rejection(1, running, key, tokens, now)
-        if key.rpm is not None and requests + 1 > key.rpm:
+        if request and key.rpm is not None and requests + 1 > key.rpm:
             raise rejection(2, requests, key, tokens, now)
-        if key.tpm is not None and used + tokens > key.tpm:
+        if tpm and key.tpm is not None and used + tokens > key.tpm:
             raise rejection(3, used, key, tokens, now)
-        self._windows[slot] = (window, requests + 1, used + tokens)
-        parallel = key.max_parallel is not None
+        self._windows[slot] = (window, requests + int(request), used + tokens)
         if parallel:
             self._parallel[slot] = running + 1
-        return Grant(slot, window, tokens, parallel)
+        return Grant(slot, window, tokens, parallel, request)
 
     async def finish(self, grant: Grant, used_tokens: int, rollback: bool = False) -> None:
         if grant.slot is None:
@@ -107,29 +124,35 @@ class LocalLimiter:
         window, requests, used = self._windows.get(grant.slot, (grant.window, 0, 0))
         if window == grant.window:
             delta = -grant.tokens if rollback else used_tokens - grant.tokens
-            self._windows[grant.slot] = (window, requests - int(rollback), max(0, used + delta))
+            given_back = int(rollback and grant.request)
+            self._windows[grant.slot] = (window, requests - given_back, max(0, used + delta))
 
     async def close(self) -> None:
         return None
 
 
+# ARGV: max_parallel, rpm, tpm (-1: not checked), tokens, the TTLs, 1 to count a request
 _ACQUIRE = """
 local par_max, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens = tonumber(ARGV[4])
+local tokens, count = tonumber(ARGV[4]), ARGV[7] == '1'
 local par = tonumber(redis.call('GET', KEYS[1]) or '0')
 if par_max >= 0 and par >= par_max then return {1, par} end
 local req = tonumber(redis.call('GET', KEYS[2]) or '0')
-if rpm >= 0 and req + 1 > rpm then return {2, req} end
+if count and rpm >= 0 and req + 1 > rpm then return {2, req} end
 local tok = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tpm >= 0 and tok + tokens > tpm then return {3, tok} end
 if par_max >= 0 then
   redis.call('INCR', KEYS[1])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('INCRBY', KEYS[3], tokens)
-redis.call('EXPIRE', KEYS[3], ARGV[6])
+if count then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+if tokens > 0 then
+  redis.call('INCRBY', KEYS[3], tokens)
+  redis.call('EXPIRE', KEYS[3], ARGV[6])
+end
 return {0, 0}
 """
 
@@ -150,9 +173,20 @@ class RedisLimiter:
         base = f"{self.namespace}:{slot}"
         return [f"{base}:parallel", f"{base}:rpm:{window}", f"{base}:tpm:{window}"]
 
-    async def acquire(self, key: KeyInfo, tokens: int) -> Grant:
+    async def count_request(self, key: KeyInfo) -> None:
+        """Count one HTTP request against rpm (429 when the window is full)."""
+        if key.rpm is not None:
+            await self._take(key, 0, None, None, request=True)
+
+    async def acquire(self, key: KeyInfo, tokens: int, count_request: bool = True) -> Grant:
+        """Take a parallel slot and `tokens` of tpm (and a request of rpm unless the HTTP
+        request was already counted), all or nothing (one script)."""
         if not has_limits(key):
             return Grant()
+        return await self._take(key, tokens, key.max_parallel, key.tpm, count_request)
+
+    async def _take(self, key: KeyInfo, tokens: int, parallel: int | None, tpm: int | None,
+                    request: bool) -> Grant:
         slot, now = slot_of(key), self.clock()
         window = int(now // WINDOW_SECONDS)
 
@@ -161,11 +195,11 @@ class RedisLimiter:
 
         kind, used = await self._acquire(
             keys=self._names(slot, window),
-            args=[arg(key.max_parallel), arg(key.rpm), arg(key.tpm), tokens, PARALLEL_TTL,
-                  2 * WINDOW_SECONDS])
+            args=[arg(parallel), arg(key.rpm), arg(tpm), tokens, PARALLEL_TTL,
+                  2 * WINDOW_SECONDS, int(request)])
         if kind:
             raise rejection(int(kind), int(used), key, tokens, now)
-        return Grant(slot, window, tokens, key.max_parallel is not None)
+        return Grant(slot, window, tokens, parallel is not None, request)
 
     async def finish(self, grant: Grant, used_tokens: int, rollback: bool = False) -> None:
         if grant.slot is None:
@@ -174,7 +208,7 @@ class RedisLimiter:
         async with self.client.pipeline(transaction=True) as pipe:
             if grant.parallel:
                 pipe.decr(parallel)
-            if rollback:
+            if rollback and grant.request:
                 pipe.decr(requests)
             pipe.incrby(tokens, -grant.tokens if rollback else used_tokens - grant.tokens)
             pipe.expire(tokens, 2 * WINDOW_SECONDS)

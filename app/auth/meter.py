@@ -5,14 +5,21 @@ hands it to the service function that does the work (`app.service.start_generati
 `app.service.embed`). Each generation or embedding call is one `Ticket`: admission reserves
 prompt + max_tokens tokens, settlement turns the reservation into the real count when the
 work ends, however it ends, and records it. (A request with `n` choices holds n tickets.)
+The HTTP request itself was counted against rpm once, when it arrived (`app.auth.deps`).
+
+Admission takes two things, a limiter slot (max_parallel, tpm) and a store reservation
+(request and token quotas), and settlement gives both back: each of these runs to its end
+even when the request is cancelled halfway (`run_to_end`), or a slot would stay taken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 from anyio import to_thread
@@ -28,6 +35,7 @@ from backends.errors import LLMAPIError
 log = logging.getLogger(__name__)
 
 TokenCount = Callable[[], Awaitable[int]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +45,23 @@ class Accounts:
     store: KeyStore
     limiter: Limiter
     enabled: bool
+
+
+async def run_to_end(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then let the
+    cancellation through. An anyio shield alone is not enough: it defers cancel scopes (a
+    client that left) but not a native `Task.cancel()` (a server cutting requests short)."""
+    task = asyncio.ensure_future(work)  # its own task: nothing cancels it
+    interrupted: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError as exc:  # native: remembered, raised after
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    return task.result()
 
 
 def status_of(exc: BaseException) -> int:
@@ -113,35 +138,50 @@ class Ticket:
         self.running = False  # the backend accepted the work
         self.refunded = False
         self._grant = Grant()
+        self._lease = ""  # the store lease the reservation is held under
         self._admitted = False
         self._settled = False
         self._started = time.monotonic()
 
     async def admit(self, count_tokens: TokenCount | None) -> None:
-        key, accounts = self.meter.key, self.meter.accounts
+        key = self.meter.key
         if key is None:
             return
         needed = count_tokens is not None and self.meter.needs_token_count
         tokens = await count_tokens() if count_tokens is not None and needed else 0
-        self._grant = await accounts.limiter.acquire(key, tokens)
-        if not await to_thread.run_sync(accounts.store.reserve, key.id, tokens):
-            await accounts.limiter.finish(self._grant, 0, rollback=True)
-            self._grant = Grant()
+        if not await run_to_end(self._take(key, tokens)):
             raise await self._quota_error(key, tokens)
-        self.reserved, self._admitted = tokens, True
+
+    async def _take(self, key: KeyInfo, tokens: int) -> bool:
+        """Take a limiter slot, then the store's reservation; all or nothing (False: the
+        quotas refused). The request was counted against rpm as it arrived."""
+        accounts = self.meter.accounts
+        grant = await accounts.limiter.acquire(key, tokens, count_request=False)
+        try:
+            lease = await to_thread.run_sync(accounts.store.reserve, key.id, tokens)
+        except BaseException:
+            await accounts.limiter.finish(grant, 0, rollback=True)
+            raise
+        if lease is None:
+            await accounts.limiter.finish(grant, 0, rollback=True)
+            return False
+        self._grant, self._lease, self.reserved, self._admitted = grant, lease, tokens, True
+        return True
 
     async def refund(self) -> None:
-        """Give the admission back whole when the backend refused the work (e.g. a context
-        overflow): the request and its tokens count nothing."""
+        """Give the tokens and the quota back when the backend refused the work (e.g. a
+        context overflow); the request keeps its rpm count (it cost the server its work)."""
         self.refunded = True
-        key = self.meter.key
-        if not self._admitted or key is None:
+        if not self._admitted or self.meter.key is None:
             return
         self._admitted = False
-        with anyio.CancelScope(shield=True):
-            await to_thread.run_sync(self.meter.accounts.store.settle, key.id, self.reserved,
-                                     0, True, None)
-            await self.meter.accounts.limiter.finish(self._grant, 0, rollback=True)
+        await run_to_end(self._give_back(self.meter.key.id))
+
+    async def _give_back(self, key_id: int) -> None:
+        accounts = self.meter.accounts
+        await to_thread.run_sync(accounts.store.settle, key_id, self._lease, self.reserved, 0,
+                                 True, None)
+        await accounts.limiter.finish(self._grant, 0, rollback=True)
         self.reserved, self._grant = 0, Grant()
 
     async def _quota_error(self, stale: KeyInfo, tokens: int) -> LLMAPIError:
@@ -184,11 +224,10 @@ class Ticket:
         if self._settled:
             return
         self._settled = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._settle(status)
-            except Exception:  # noqa: BLE001 - accounting must never break a response
-                log.exception("could not settle the usage of a request")
+        try:
+            await run_to_end(self._settle(status))
+        except Exception:  # noqa: BLE001 - accounting must never break a response
+            log.exception("could not settle the usage of a request")
 
     async def _settle(self, status: int) -> None:
         key, accounts = self.meter.key, self.meter.accounts
@@ -200,7 +239,7 @@ class Ticket:
             prompt_words=self.words, latency_ms=(time.monotonic() - self._started) * 1000,
             created_at=now())
         key_id = key.id if key is not None and self._admitted else None
-        await to_thread.run_sync(accounts.store.settle, key_id, self.reserved, used,
-                                 not self.running, usage)
+        await to_thread.run_sync(accounts.store.settle, key_id, self._lease, self.reserved,
+                                 used, not self.running, usage)
         if self._admitted:
             await accounts.limiter.finish(self._grant, used)

@@ -71,3 +71,26 @@ class UsageRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     day: Mapped[date] = mapped_column(Date, index=True)
+
+
+class Lease(Base):
+    """A running server process that may hold reservations; it renews `expires_at` while it
+    lives (see KeyStore.open_lease), so a process that died leaves a lease that expires."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))  # host and pid, for people reading it
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class Reservation(Base):
+    """The tokens one lease holds reserved for one key: api_keys.reserved_tokens is the sum
+    of these rows, so a dead lease's share can be given back without touching the others."""
+
+    __tablename__ = "reservations"
+
+    lease_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)

@@ -7,6 +7,8 @@ Quota checks are single SQL statements, so they are atomic on SQLite and Postgre
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth import keys
+from app.auth import admin_rules, keys
 from app.auth.models import ApiKey, UsageRecord
 from app.auth.schemas import KeyCreated, KeyInfo, KeyLimits
 from app.errors import InvalidParams, KeyNotFound
@@ -82,7 +84,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(parsed.database))
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
                            pool_size=10, max_overflow=50)
 
@@ -97,12 +99,33 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class KeyStore:
-    """The configured store. Safe to share between threads."""
+def _private_file(path: Path) -> None:
+    """Create the SQLite file (and its folder) readable by this user only: it holds key
+    hashes and usage. SQLite gives its -wal and -shm files the database file's mode. A file
+    left readable by an older version is made private."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            mode = stat.S_IMODE(name.stat().st_mode) if name.exists() else 0
+            if mode & 0o077:
+                os.chmod(name, 0o600)
+                log.info("made %s readable by its owner only (it was mode %o)", name, mode)
+    except PermissionError as exc:  # another user's file: SQLite reports what it can't do
+        log.warning("cannot make the store file private: %s", exc)
 
-    def __init__(self, url: str) -> None:
+
+class KeyStore:
+    """The configured store. Safe to share between threads.
+
+    `configured_admin` is the admin key the settings configure: the store refuses to
+    rotate, revoke or demote it (app.auth.admin_rules)."""
+
+    def __init__(self, url: str, configured_admin: str | None = None) -> None:
         self.engine = make_engine(url)
         self.url = url
+        self.configured_hash = keys.hash_secret(configured_admin) if configured_admin else None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def describe(self) -> str:
@@ -179,37 +202,60 @@ class KeyStore:
         if "expires_at" in changes:
             changes["expires_at"] = keys.utc(changes["expires_at"], end_of_day=True)
         with self._session.begin() as session:
+            admin_rules.serialise(session)
             row = self._row(session, key_id)
+            if set(changes) & set(admin_rules.OWNED_BY_SETTINGS):
+                admin_rules.refuse_if_configured(row, self.configured_hash,
+                                                 "demoted or given validity dates")
+            was_active = admin_rules.is_active_admin(row, keys.now())
             for name, value in changes.items():
                 setattr(row, name, value)
             start, end = row.valid_from, row.expires_at
             if start is not None and end is not None and end <= start:
                 raise InvalidParams("expires_at must be after valid_from.", param="expires_at")
             session.flush()
+            admin_rules.keep_an_admin(session, row, was_active, "changing")
             return KeyInfo.model_validate(row)
 
     def revoke(self, key_id: int, reason: str | None) -> KeyInfo:
+        """Revoke a key for good; never the configured admin key or the last active admin."""
         with self._session.begin() as session:
+            admin_rules.serialise(session)
             row = self._row(session, key_id)
+            admin_rules.refuse_if_configured(row, self.configured_hash, "revoked")
+            was_active = admin_rules.is_active_admin(row, keys.now())
             if row.revoked_at is None:
                 row.revoked_at, row.revoked_reason = keys.now(), reason
             session.flush()
+            admin_rules.keep_an_admin(session, row, was_active, "revoking")
             return KeyInfo.model_validate(row)
 
     def rotate(self, key_id: int) -> KeyCreated:
-        """A new secret for the same key (owner, limits, usage); the old one stops working."""
+        """A new secret for the same key (owner, limits, usage); the old one stops working.
+        The configured admin key is refused (the settings own its secret)."""
         secret = keys.generate_secret()
         with self._session.begin() as session:
             row = self._row(session, key_id)
+            admin_rules.refuse_if_configured(row, self.configured_hash, "rotated")
             row.secret_hash, row.prefix = keys.hash_secret(secret), keys.display_prefix(secret)
             session.flush()
             return KeyCreated(**KeyInfo.model_validate(row).model_dump(), secret=secret)
 
     def ensure_admin(self, secret: str) -> KeyInfo:
-        """The admin key with this secret, created when missing (configured admin keys)."""
-        found = self.find(secret)
-        if found is not None:
-            return found
+        """The configured admin key: created when missing, and made an active admin again
+        if it is not one (the settings win over changes made before this rule existed)."""
+        digest = keys.hash_secret(secret)
+        with self._session.begin() as session:
+            row = session.scalars(select(ApiKey).where(ApiKey.secret_hash == digest)).first()
+            if row is not None:
+                if not admin_rules.is_active_admin(row, keys.now()):
+                    log.warning("the admin key from the settings (id %d) was revoked, demoted "
+                                "or out of its validity dates; it is an active admin again",
+                                row.id)
+                    row.role, row.revoked_at, row.revoked_reason = "admin", None, None
+                    row.valid_from = row.expires_at = None
+                    session.flush()
+                return KeyInfo.model_validate(row)
         return self.create(KeyLimits(name="admin (from settings)", role="admin"), secret)
 
     @staticmethod

@@ -12,7 +12,8 @@ import pytest
 from tests.auth.conftest import ADMIN, auth_config, bearer, create_key
 from tests.conftest import LiveServer, assert_error
 
-# (method, path, body, kind): kind "model" = uses a model, "user" = any key, "admin"
+# (method, path, body, kind): kind "model" = uses a model, "card" = shows a model (a model
+# the key may not use is not shown), "user" = any key, "admin"
 ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/generate", {"prompt": "hello", "model": "tiny"}, "model"),
     ("POST", "/agenerate", {"prompt": "hello", "model": "tiny"}, "model"),
@@ -31,7 +32,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 4,
                                  "stream": True}, "model"),
     ("POST", "/v1/embeddings", {"model": "tiny", "input": "hello"}, "model"),
-    ("GET", "/v1/models/tiny", None, "model"),
+    ("GET", "/v1/models/tiny", None, "card"),
     ("GET", "/v1/models", None, "user"),
     ("GET", "/usage", None, "user"),
     ("GET", "/admin/keys", None, "admin"),
@@ -49,7 +50,9 @@ CALLERS = ["no key", "malformed header", "unknown key", "expired", "not yet vali
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, dict]]:
     directory: Path = tmp_path_factory.mktemp("matrix")
-    server = LiveServer(auth_config(), directory).start()
+    config = auth_config()
+    config["auth"]["failed_auth_limit"] = 100_000  # its callers fail hundreds of times
+    server = LiveServer(config, directory).start()
     client = server.client
     day = timedelta(days=1)
     today = datetime.now(UTC)
@@ -86,6 +89,8 @@ def expected(caller: str, kind: str) -> tuple[int, str | None, tuple[str, ...]]:
         return 403, "admin_required", ("admin key",)
     if kind == "model" and caller == "wrong model":
         return 403, "model_not_allowed", ("tiny", "rev")
+    if kind == "card" and caller == "wrong model":
+        return 404, "model_not_found", ("available: rev.",)
     return 0, None, ()
 
 
