@@ -9,11 +9,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from anyio import to_thread
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from app import __version__
 from app.api import admin, docs, health, native, openai
-from app.auth.deps import admin_only, authenticate, guarded
+from app.auth.deps import admin_only, counted_only, guarded
 from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.auth.throttle import make_throttle
 from app.errors import install_error_handlers
@@ -64,8 +64,8 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app.include_router(health.router)
     app.include_router(native.router, dependencies=guarded())
     app.include_router(openai.router, dependencies=guarded())
-    app.include_router(admin.router, dependencies=[Depends(authenticate)])
-    app.include_router(docs.router, dependencies=[Depends(authenticate)])
+    app.include_router(admin.router, dependencies=counted_only())
+    app.include_router(docs.router, dependencies=counted_only())
     app.include_router(admin.admin, dependencies=admin_only())
     return app
 

@@ -108,6 +108,18 @@ async def authenticate(request: Request) -> KeyInfo | None:
 KeyDep = Annotated[KeyInfo | None, Depends(authenticate)]
 
 
+async def counted(request: Request, key: KeyDep) -> KeyInfo | None:
+    """The caller's key, with this HTTP request counted against its rpm (429 past it).
+    Every authenticated route depends on this once (FastAPI caches it per request), so
+    tokenizing, listing models or the admin API cost a request like generating does."""
+    if key is not None:
+        await get_accounts(request).limiter.count_request(key)
+    return key
+
+
+CountedKeyDep = Annotated[KeyInfo | None, Depends(counted)]
+
+
 async def require_admin(request: Request, key: KeyDep) -> KeyInfo:
     if key is None:
         raise AdminOnly("Authentication is disabled (auth.enabled: false), so the admin API "
@@ -120,7 +132,7 @@ async def require_admin(request: Request, key: KeyDep) -> KeyInfo:
 AdminDep = Annotated[KeyInfo, Depends(require_admin)]
 
 
-async def metered(request: Request, key: KeyDep) -> AsyncIterator[Meter]:
+async def metered(request: Request, key: CountedKeyDep) -> AsyncIterator[Meter]:
     """The request's meter. A request that fails records its status here; a meter the work
     never settled (a stream the client left before it began) is settled after the response."""
     meter = Meter(get_accounts(request), key, request.url.path)
@@ -140,5 +152,10 @@ def guarded() -> list[DependsParam]:
     return [Depends(metered)]
 
 
+def counted_only() -> list[DependsParam]:
+    """Router dependencies: a valid key, the request counted (routes that use no model)."""
+    return [Depends(counted)]
+
+
 def admin_only() -> list[DependsParam]:
-    return [Depends(require_admin)]
+    return [Depends(counted), Depends(require_admin)]

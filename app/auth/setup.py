@@ -61,9 +61,11 @@ def open_accounts(settings: Settings) -> Accounts:
 
 
 def prepare_store(store: KeyStore, settings: Settings) -> None:
-    """Apply migrations; with auth on, make sure an admin key exists (blocking)."""
+    """Apply migrations; with auth on, make sure an admin key exists; open this process's
+    reservation lease, freeing what processes that died held (blocking)."""
     with store.exclusive():
         _prepare(store, settings)
+    store.leases.open()
 
 
 def _prepare(store: KeyStore, settings: Settings) -> None:

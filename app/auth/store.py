@@ -21,6 +21,7 @@ from alembic.config import Config
 from sqlalchemy import (
     Engine,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -33,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import admin_rules, keys
+from app.auth.leases import LeaseKeeper, release
 from app.auth.models import ApiKey, UsageRecord
 from app.auth.schemas import KeyCreated, KeyInfo, KeyLimits
 from app.errors import InvalidParams, KeyNotFound
@@ -72,7 +74,9 @@ _RESERVE = (
 _SETTLE = (
     update(ApiKey).where(ApiKey.id == bindparam("key_id"))
     .values(used_requests=ApiKey.used_requests - bindparam("refund"),
-            reserved_tokens=ApiKey.reserved_tokens - bindparam("reserved"),
+            reserved_tokens=case(  # never below 0 (see migration 0002)
+                (ApiKey.reserved_tokens > bindparam("reserved"),
+                 ApiKey.reserved_tokens - bindparam("reserved")), else_=0),
             used_tokens=ApiKey.used_tokens + bindparam("used"))
     .execution_options(synchronize_session=False))
 _RECORD = insert(UsageRecord)
@@ -127,6 +131,7 @@ class KeyStore:
         self.url = url
         self.configured_hash = keys.hash_secret(configured_admin) if configured_admin else None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.leases = LeaseKeeper(self.engine)  # the server opens it (app.auth.setup)
 
     def describe(self) -> str:
         """The URL without its password, for logs."""
@@ -157,6 +162,7 @@ class KeyStore:
             command.upgrade(config, "head")
 
     def close(self) -> None:
+        self.leases.close()
         self.engine.dispose()
 
     # -- keys ------------------------------------------------------------------------------
@@ -267,20 +273,27 @@ class KeyStore:
 
     # -- quotas ----------------------------------------------------------------------------
 
-    def reserve(self, key_id: int, tokens: int) -> bool:
-        """Count one request and reserve `tokens`, only if both quotas allow it (atomic)."""
-        with self.engine.begin() as connection:
+    def reserve(self, key_id: int, tokens: int) -> str | None:
+        """Count one request and reserve `tokens`, only if both quotas allow it (one atomic
+        statement); the lease the tokens are held under, or None when refused."""
+        with self.engine.connect() as connection:
+            lease = self.leases.hold(connection, key_id, tokens) if tokens else self.leases.id
             result = connection.execute(_RESERVE, {"key_id": key_id, "tokens": tokens,
                                                    "now": keys.now()})
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                connection.rollback()  # the lease's row too
+                return None
+            connection.commit()
+            return lease
 
-    def settle(self, key_id: int | None, reserved: int, used: int, refund: bool,
+    def settle(self, key_id: int | None, lease: str, reserved: int, used: int, refund: bool,
                usage: Usage | None) -> None:
-        """Turn a reservation into the real count (refunding the request when it never ran)
-        and record the request, in one transaction."""
+        """Turn a reservation held under `lease` into the real count (refunding the request
+        when it never ran) and record the request, in one transaction."""
         with self.engine.begin() as connection:
             if key_id is not None:
+                held = release(connection, lease, key_id, reserved) if reserved else 0
                 connection.execute(_SETTLE, {"key_id": key_id, "refund": int(refund),
-                                             "reserved": reserved, "used": used})
+                                             "reserved": held, "used": used})
             if usage is not None:
                 connection.execute(_RECORD, {**usage.__dict__, "day": usage.created_at.date()})
