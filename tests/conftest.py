@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,24 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "")
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line saying what was skipped and why: a local run skips the Postgres/Redis cases
+    when those services are missing, and that should not pass unnoticed."""
+    reports = terminalreporter.stats.get("skipped", [])
+    if not reports:
+        return
+    reasons: Counter[str] = Counter()
+    for report in reports:
+        longrepr = report.longrepr  # (file, line, "Skipped: why") for a skip
+        why = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+        first_line = (why.removeprefix("Skipped: ").splitlines() or ["(no reason given)"])[0]
+        reasons[first_line[:120]] += 1
+    parts = "; ".join(f"{count} x {why}" for why, count in reasons.most_common())
+    ci = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+    hint = "" if ci else " (with CI=true a missing Postgres or Redis fails instead)"
+    terminalreporter.write_line(f"SKIPPED {len(reports)} tests: {parts}{hint}", yellow=True)
 
 
 def without_auth(config: dict[str, Any], directory: Path) -> dict[str, Any]:

@@ -89,13 +89,22 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_config(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Config keys selecting each store in turn (a fresh Postgres schema each time)."""
-    if request.param == "sqlite":
+STORES = ["sqlite", "postgres"]
+
+
+def store_settings(request: pytest.FixtureRequest, store: str) -> dict[str, Any]:
+    """Config keys selecting `store` (a fresh Postgres schema each time); for fixtures of any
+    scope that run over both stores."""
+    if store == "sqlite":
         return {}
     url: str = request.getfixturevalue("postgres_url")
     return {"database_url": _fresh_schema(url)}
+
+
+@pytest.fixture(params=STORES)
+def store_config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Config keys selecting each store in turn (a fresh Postgres schema each time)."""
+    return store_settings(request, request.param)
 
 
 def _fresh_schema(url: str) -> str:

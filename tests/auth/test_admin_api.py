@@ -1,4 +1,4 @@
-"""The admin API: create, list, show, change, revoke, rotate."""
+"""The admin API: create, list, show, change, revoke, rotate — on SQLite and on Postgres."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from tests.auth.conftest import ADMIN, ADMIN_KEY, bearer, create_key, key_info
 from tests.conftest import assert_error
 
 
-def test_key_lifecycle(auth_server: Any) -> None:
-    server = auth_server()
+def test_key_lifecycle(auth_server: Any, store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     client = server.client
     created = client.post("/admin/keys", headers=ADMIN, json={
         "name": "Alice", "email": "alice@example.org", "organisation": "ACME",
@@ -58,8 +58,8 @@ def test_admin_keys_can_make_admins(auth_server: Any) -> None:
     assert server.client.get("/admin/keys", headers=bearer(secret)).status_code == 200
 
 
-def test_bad_admin_input(auth_server: Any) -> None:
-    server = auth_server()
+def test_bad_admin_input(auth_server: Any, store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     client = server.client
     cases: list[tuple[dict[str, Any], tuple[str, ...]]] = [
         ({}, ("name", "required")),

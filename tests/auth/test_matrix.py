@@ -1,4 +1,5 @@
-"""Every route × every kind of caller: who gets in, and the error each one gets."""
+"""Every route × every kind of caller: who gets in, and the error each one gets, on SQLite
+and on Postgres."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.auth.conftest import ADMIN, auth_config, bearer, create_key
+from tests.auth.conftest import ADMIN, STORES, auth_config, bearer, create_key, store_settings
 from tests.conftest import LiveServer, assert_error
 
 # (method, path, body, kind): kind "model" = uses a model, "card" = shows a model (a model
@@ -47,10 +48,12 @@ CALLERS = ["no key", "malformed header", "unknown key", "expired", "not yet vali
            "wrong model", "user", "admin"]
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, dict]]:
+@pytest.fixture(scope="module", params=STORES)
+def matrix(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, dict]]:
+    """One server per store: validity windows and revocation are checked on both."""
     directory: Path = tmp_path_factory.mktemp("matrix")
-    config = auth_config()
+    config = auth_config(**store_settings(request, request.param))
     config["auth"]["failed_auth_limit"] = 100_000  # its callers fail hundreds of times
     server = LiveServer(config, directory).start()
     client = server.client

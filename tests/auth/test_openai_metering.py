@@ -1,14 +1,15 @@
-"""The OpenAI-compatible and queue-style routes are metered like the native ones: the key's
-counters and /usage agree with the `usage` the responses report. Each of `n` choices is a
-generation of its own: a request, and its prompt processed again (OpenAI's `usage` counts the
-prompt once)."""
+"""The OpenAI-compatible and queue-style routes are metered like the native ones, on SQLite
+and on Postgres: the key's counters and /usage agree with the `usage` the responses report.
+Each of `n` choices is a generation of its own: a request, and its prompt processed again
+(OpenAI's `usage` counts the prompt once)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from tests.auth.conftest import ADMIN, bearer, create_key, key_info
+from tests.auth.conftest import ADMIN, bearer, create_key, key_info, models_config
 from tests.conftest import parse_sse
 
 CHAT = [{"role": "user", "content": "tell me a story"}]
@@ -20,8 +21,9 @@ def usage_totals(server: Any, key_id: int) -> dict[str, int]:
     return totals
 
 
-def test_chat_with_n_choices_counts_each_choice(auth_server: Any) -> None:
-    server = auth_server()
+def test_chat_with_n_choices_counts_each_choice(auth_server: Any,
+                                                store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000, max_requests=10)
     answer = server.client.post("/v1/chat/completions", headers=bearer(secret), json={
         "model": "tiny", "messages": CHAT, "max_tokens": 6, "n": 3, "temperature": 0})
@@ -36,8 +38,9 @@ def test_chat_with_n_choices_counts_each_choice(auth_server: Any) -> None:
     assert totals["words"] == 3 * 4
 
 
-def test_streamed_completion_usage_matches(auth_server: Any) -> None:
-    server = auth_server()
+def test_streamed_completion_usage_matches(auth_server: Any,
+                                           store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000)
     body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 8, "n": 2,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -51,8 +54,9 @@ def test_streamed_completion_usage_matches(auth_server: Any) -> None:
     assert info["used_tokens"] == 2 * usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_embeddings_usage_matches(auth_server: Any) -> None:
-    server = auth_server()
+def test_embeddings_usage_matches(auth_server: Any,
+                                  store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     key_id, secret = create_key(server.client, max_tokens=1000)
     answer = server.client.post("/v1/embeddings", headers=bearer(secret), json={
         "model": "tiny", "input": ["hello world", "a brown fox"]})
@@ -63,17 +67,25 @@ def test_embeddings_usage_matches(auth_server: Any) -> None:
     assert usage_totals(server, key_id)["prompt_tokens"] == tokens
 
 
-def test_clamped_queue_job_is_one_request(auth_server: Any) -> None:
-    """A tokens_limit beyond the context is refused, refunded and retried smaller: the
-    key pays for one request and what was generated."""
-    server = auth_server()
+def test_clamped_queue_job_is_one_request(auth_server: Any,
+                                          store_config: dict[str, Any]) -> None:
+    """A tokens_limit beyond the context is lowered to what the context leaves: the key
+    pays for one request and what was generated (however many attempts the server made).
+    A small context keeps the clamped generation small (tens of tokens, not thousands)."""
+    small = models_config()["models"]
+    small["tiny"] = {**small["tiny"], "model_params": {"n_ctx": 64, "n_threads": 2}}
+    server = auth_server(models=small, **store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000, max_requests=5)
     answer = server.client.post("/generate", headers=bearer(secret), json={
         "job_id": "big", "meta": {"model": "tiny", "tokens_limit": 5000}, "content": "hi"})
     assert answer.status_code == 200, answer.text
-    assert "clamped" in answer.headers["warning"]
+    clamped = re.search(r"clamped to (\d+)", answer.headers["warning"])
+    assert clamped is not None, answer.headers["warning"]
+    room = int(clamped.group(1))
+    assert 0 < room < 5000
     info = key_info(server.client, key_id)
     assert (info["used_requests"], info["reserved_tokens"]) == (1, 0)
     totals = usage_totals(server, key_id)
     assert (totals["requests"], totals["errors"]) == (1, 0)
+    assert 0 < totals["completion_tokens"] <= room
     assert info["used_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"]

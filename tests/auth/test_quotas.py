@@ -3,6 +3,8 @@ admission and settled to the real count, streaming included."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ import pytest
 
 from tests.auth.conftest import ADMIN, bearer, create_key, key_info
 from tests.conftest import TINY_GGUF, LiveServer, assert_error, parse_sse, wait_for
+from tests.gated import gated_family
 
 N = 50
 
@@ -47,7 +50,8 @@ def usage_of(server: LiveServer, key_id: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("path", ["/generate", "/agenerate"])
-def test_exactly_k_of_50_parallel_requests_succeed(auth_server: Any, store_config: dict,
+def test_exactly_k_of_50_parallel_requests_succeed(auth_server: Any,
+                                                   store_config: dict[str, Any],
                                                    path: str) -> None:
     server = auth_server(**store_config)
     k = 7
@@ -71,7 +75,7 @@ def test_exactly_k_of_50_parallel_requests_succeed(auth_server: Any, store_confi
 
 
 def test_token_quota_cannot_be_overrun_by_parallel_requests(auth_server: Any,
-                                                             store_config: dict) -> None:
+                                                             store_config: dict[str, Any]) -> None:
     server = auth_server(**store_config)
     prompt, max_tokens = "hello world", 12
     reservation = prompt_tokens(prompt) + max_tokens
@@ -94,47 +98,50 @@ def test_token_quota_cannot_be_overrun_by_parallel_requests(auth_server: Any,
     assert info["used_requests"] == len(ok)
 
 
-def test_stream_reserves_prompt_plus_max_tokens_then_settles(auth_server: Any) -> None:
-    server = auth_server()
+def test_stream_reserves_prompt_plus_max_tokens_then_settles(
+        auth_server: Any, store_config: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    gate = gated_family(request)
+    server = auth_server(models={"gated": gate.model()}, **store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000)
-    prompt = "once upon a time there was"
-    expected_prompt = prompt_tokens(prompt)
-    before = server.model_stats("tiny")["tokens_generated"]
-    # long enough that the stream is still running when the reservation is looked at
-    body = {"prompt": prompt, "model": "tiny", "params": {"max_tokens": 500, "temperature": 0}}
+    prompt = "once upon a time there was"  # 6 tokens: the gated model's tokens are words
+    body = {"prompt": prompt, "model": "gated", "params": {"max_tokens": 50}}
     with server.client.stream("POST", "/agenerate", json=body,
                               headers=bearer(secret)) as response:
-        lines = response.iter_lines()
-        first = next(lines)
-        assert key_info(server.client, key_id)["reserved_tokens"] == expected_prompt + 500
-        text = "".join(d for _, d in parse_sse([first, *lines]))
-    generated = server.model_stats("tiny")["tokens_generated"] - before
-    info = key_info(server.client, key_id)
-    assert info["reserved_tokens"] == 0
-    assert info["used_tokens"] == expected_prompt + generated
+        events = parse_sse(response.iter_lines())
+        assert next(events) == ("message", ".")
+        gate.wait_reached()  # held there: the stream is still running while we look
+        assert key_info(server.client, key_id)["reserved_tokens"] == 6 + 50
+        gate.opened.set()
+        text = "." + "".join(data for _, data in events)
+    assert text == "." * 50
+    info = key_info(server.client, key_id)  # settled before the stream's end was sent
+    assert (info["reserved_tokens"], info["used_tokens"]) == (0, 6 + 50)
     day = usage_of(server, key_id)["days"][0]
-    assert (day["prompt_tokens"], day["completion_tokens"]) == (expected_prompt, generated)
-    assert text and generated > 0
+    assert (day["prompt_tokens"], day["completion_tokens"]) == (6, 50)
 
 
-def test_client_disconnect_mid_stream_settles_what_was_generated(auth_server: Any) -> None:
-    server = auth_server()
+def test_client_disconnect_mid_stream_settles_what_was_generated(
+        auth_server: Any, store_config: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    gate = gated_family(request)
+    server = auth_server(models={"gated": gate.model(before_gate=3)}, **store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000)
-    body = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 2000}}
+    body = {"prompt": "hello", "model": "gated", "params": {"max_tokens": 2000}}
     with server.client.stream("POST", "/agenerate", json=body,
                               headers=bearer(secret)) as response:
-        lines = response.iter_lines()
-        for _ in range(3):
-            next(lines)
-        assert key_info(server.client, key_id)["reserved_tokens"] == prompt_tokens("hello") + 2000
+        events = parse_sse(response.iter_lines())
+        assert [next(events) for _ in range(3)] == [("message", ".")] * 3
+        gate.wait_reached()
+        assert key_info(server.client, key_id)["reserved_tokens"] == 1 + 2000
+    # the client left while the generation was held at the gate, after 3 pieces
     wait_for(lambda: key_info(server.client, key_id)["reserved_tokens"] == 0,
              what="the reservation to be settled after the disconnect")
-    info = key_info(server.client, key_id)
-    assert prompt_tokens("hello") < info["used_tokens"] < 2000
+    assert key_info(server.client, key_id)["used_tokens"] == 1 + 3
     [day] = usage_of(server, key_id)["days"]
-    assert day["errors"] == 1 and day["completion_tokens"] >= 1
-    rows = server.client.get("/admin/usage", params={"key_id": key_id}, headers=ADMIN).json()
-    assert rows["totals"]["requests"] == 1
+    assert (day["requests"], day["errors"], day["completion_tokens"]) == (1, 1, 3)
+    gate.opened.set()  # the engine goes on, sees the cancellation and drops the generation
+    wait_for(lambda: server.model_stats("gated")["cancelled"] == 1,
+             what="the engine to drop the generation")
+    assert server.model_stats("gated")["tokens_generated"] == 3
 
 
 def test_failures_give_the_reservation_back(auth_server: Any) -> None:
@@ -172,24 +179,27 @@ def test_embeddings_count_their_tokens(auth_server: Any) -> None:
         (expected, 0, 6)
 
 
-def test_client_leaving_a_plain_generate_settles_it(auth_server: Any) -> None:
-    big = {"model_family": "llama", "setup_params": {"model_path": str(TINY_GGUF)},
-           "model_params": {"n_ctx": 8192, "n_threads": 2}}
-    server = auth_server(models={"tiny": big})  # 8000 tokens take seconds, not 0.3
+def test_client_leaving_a_plain_generate_settles_it(
+        auth_server: Any, store_config: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    gate = gated_family(request)
+    server = auth_server(models={"gated": gate.model(before_gate=2)}, **store_config)
     key_id, secret = create_key(server.client, max_tokens=100_000)
-    body = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 8000,
-                                                           "temperature": 0}}
-    with httpx.Client(base_url=server.url, timeout=0.3) as impatient:
-        try:
-            answer = impatient.post("/generate", json=body, headers=bearer(secret))
-        except httpx.ReadTimeout:
-            pass  # the client gave up and closed the connection
-        else:
-            pytest.fail(f"answered before the client left: {answer.status_code} "
-                        f"{answer.text[:300]}")
+    body = json.dumps({"prompt": "hello", "model": "gated", "params": {"max_tokens": 8000}})
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                     f"{body}".encode())
+        gate.wait_reached()
+        assert key_info(server.client, key_id)["reserved_tokens"] == 1 + 8000
+    # the client left while the generation was held at the gate, after 2 pieces
     wait_for(lambda: key_info(server.client, key_id)["reserved_tokens"] == 0,
              what="the reservation to be settled after the client left")
-    info = key_info(server.client, key_id)
-    assert 0 < info["used_tokens"] < prompt_tokens("hello") + 8000
+    # the prompt, and the pieces the request had collected when it saw the client go
+    assert 1 <= key_info(server.client, key_id)["used_tokens"] <= 1 + 2
     [day] = usage_of(server, key_id)["days"]
     assert (day["requests"], day["errors"]) == (1, 1)
+    gate.opened.set()
+    wait_for(lambda: server.model_stats("gated")["cancelled"] == 1,
+             what="the engine to drop the generation")
+    assert server.model_stats("gated")["tokens_generated"] == 2

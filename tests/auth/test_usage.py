@@ -1,4 +1,4 @@
-"""Usage reports add up to exactly what was sent."""
+"""Usage reports add up to exactly what was sent, on SQLite and on Postgres."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from tests.conftest import assert_error
 PROMPTS = ["hello world", "the quick brown fox jumps", "one two three four five six"]
 
 
-def test_usage_report_numbers_equal_what_was_sent(auth_server: Any) -> None:
-    server = auth_server()
+def test_usage_report_numbers_equal_what_was_sent(auth_server: Any,
+                                                 store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     key_id, secret = create_key(server.client)
     other_id, other = create_key(server.client)
     before = server.model_stats("tiny")["tokens_generated"]
@@ -62,8 +63,8 @@ def test_usage_report_numbers_equal_what_was_sent(auth_server: Any) -> None:
     assert by_model["totals"] == expected
 
 
-def test_bad_usage_filters(auth_server: Any) -> None:
-    server = auth_server()
+def test_bad_usage_filters(auth_server: Any, store_config: dict[str, Any]) -> None:
+    server = auth_server(**store_config)
     assert_error(server.client.get("/usage", params={"from": "yesterday"}, headers=ADMIN),
                  422, "invalid_parameter", ("from",))
     assert_error(server.client.get("/usage", params={"from": "2026-02-02", "to": "2026-02-01"},
