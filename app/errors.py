@@ -208,8 +208,10 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
-    if err.get("type") == "json_invalid":
-        return "The request body is not valid JSON.", None
+    if err.get("type") == "json_invalid":  # the reason is app.json_body's, for the client
+        reason = (err.get("ctx") or {}).get("error")
+        return f"The request body is not valid JSON: {reason}." if reason else \
+            "The request body is not valid JSON.", None
     if err.get("type") == "missing":
         return f"'{param}' is required.", param
     return (f"'{param}': {msg}" if param else msg), param

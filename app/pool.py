@@ -68,7 +68,8 @@ class ModelPool:
             e.name: ModelScheduler(
                 e.name, partial(load_model, e, models_dir),
                 max_queue=e.max_queue, request_timeout=e.request_timeout,
-                default_max_tokens=e.default_max_tokens)
+                default_max_tokens=e.default_max_tokens,
+                prompt_chars_per_token=e.prompt_chars_per_token)
             for e in entries
         }
 

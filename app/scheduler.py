@@ -6,9 +6,13 @@ call into a model's backend happens on that model's engine thread. Requests subm
 asyncio queue. A disconnect or a timeout sets the job's cancel flag, which the engine thread
 checks before every item: a queued job is dropped, a running one stops at its next token.
 
-Routes reach a scheduler through `generate`, `embed` and `call` only. When the backend offers
-a `BatchEngine`, the engine thread runs `app.batching.BatchLoop` instead of the serial loop:
-generations are decoded together, and `running` counts sequences.
+Tokenizing, detokenizing and chat templating run on the model's one tokenizer thread instead
+(`call_tokenizer`), when the backend allows it: a long prompt being tokenized for admission
+never holds up the streams being decoded, and tokenizing takes at most one core per model.
+
+Routes reach a scheduler through `generate`, `embed`, `call` and `call_tokenizer` only. When
+the backend offers a `BatchEngine`, the engine thread runs `app.batching.BatchLoop` instead of
+the serial loop: generations are decoded together, and `running` counts sequences.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from app.batching import BatchLoop, deliver
 from app.errors import (
@@ -37,6 +42,7 @@ from backends.errors import LLMAPIError, ModelLoadError
 log = logging.getLogger(__name__)
 
 Work = Callable[[Backend], Iterator[Any]]
+T = TypeVar("T")
 _END = object()
 
 
@@ -171,11 +177,13 @@ class ModelScheduler:
     """Owns one model's backend and the single thread that may touch it."""
 
     def __init__(self, name: str, loader: Callable[[], Backend], *, max_queue: int,
-                 request_timeout: float, default_max_tokens: int | None = None) -> None:
+                 request_timeout: float, default_max_tokens: int | None = None,
+                 prompt_chars_per_token: int = 8) -> None:
         self.name = name
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.default_max_tokens = default_max_tokens
+        self.prompt_chars_per_token = prompt_chars_per_token  # server.max_prompt_chars_per_token
         self.state = "loading"
         self.error: str | None = None
         self.stats = SchedulerStats()
@@ -188,6 +196,8 @@ class ModelScheduler:
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
+        # One worker: requests tokenize one after another, on at most one core per model.
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -231,6 +241,8 @@ class ModelScheduler:
         finally:
             self.state = "stopped"
             self._drain("the server is shutting down")
+            # A tokenization still running reads the engine's vocabulary: let it end first.
+            self._tokenizer.shutdown(wait=True, cancel_futures=True)
             backend.close()
 
     def _load(self) -> tuple[Backend, BatchEngine | None]:
@@ -294,12 +306,16 @@ class ModelScheduler:
 
     # -- the request side ------------------------------------------------------------------
 
-    def _admit(self, work: Work, request: GenerationRequest | None = None,
-               texts: list[str] | None = None) -> Job:
-        if self.state != "ready":
+    def _check_ready(self) -> Backend:
+        if self.state != "ready" or self.backend is None:
             if self.state == "loading":
                 raise ModelNotReady(f"Model '{self.name}' is still loading; retry shortly.")
             raise ModelNotReady(f"Model '{self.name}' is not available ({self.state}).")
+        return self.backend
+
+    def _admit(self, work: Work, request: GenerationRequest | None = None,
+               texts: list[str] | None = None) -> Job:
+        self._check_ready()
         loop = asyncio.get_running_loop()
         job = Job(work=work, loop=loop, deadline=loop.time() + self.request_timeout,
                   request=request, texts=texts)
@@ -353,3 +369,22 @@ class ModelScheduler:
         stream = await self.open_stream(work)
         stream.close()
         return stream.first
+
+    async def call_tokenizer(self, fn: Callable[[Backend], T]) -> T:
+        """Run `fn` (tokenizing, detokenizing, templating) on the model's tokenizer thread,
+        one call at a time; on the engine thread for a backend that does not allow that."""
+        backend = self._check_ready()
+        if not backend.tokenizes_off_engine:
+            result: T = await self.call(fn)
+            return result
+        try:
+            future = self._tokenizer.submit(fn, backend)
+        except RuntimeError:  # shut down: the model is stopping
+            raise ModelNotReady(f"Model '{self.name}' is shutting down.") from None
+        try:  # cancelling this await (a client that left) drops a call not yet started
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                raise ModelNotReady(f"Model '{self.name}' is shutting down.") from None
+            raise

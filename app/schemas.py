@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backends.base import GenerationParams, GenerationRequest
 
 MAX_STOP_SEQUENCES = 16
+#: A stop string: 1 to 500 characters.
+StopString = Annotated[str, Field(min_length=1, max_length=500)]
+#: `stop` of every API: one stop string, or a list of at most MAX_STOP_SEQUENCES.
+Stops = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None
 
-
-def check_stops(stop: str | list[str] | None) -> None:
-    """At most MAX_STOP_SEQUENCES stop strings of 1 to 500 characters (ValueError otherwise)."""
-    stops = [stop] if isinstance(stop, str) else stop or []
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
-    if any(not s or len(s) > 500 for s in stops):
-        raise ValueError("each stop string must have 1 to 500 characters")
-
-
+#: Characters of one text field (a prompt, a message, a suffix); a model's own bound is
+#: usually lower (server.max_prompt_chars_per_token x its context).
 MAX_TEXT_CHARS = 1_000_000
 
 
@@ -52,18 +48,13 @@ class NativeParams(StrictSchema):
     repeat_penalty: float = Field(1.0, gt=0, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings; generation "
-                                         "ends before the first one and it is not returned.")
+    stop: Stops = Field(None, description="Up to 16 strings; generation ends before the "
+                        "first one and it is not returned.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Fixed seed for sampling.")
     echo: bool = Field(False, description="Return the prompt before the completion.")
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS,
                                description="Text after the gap to fill (fill-in-the-middle "
                                "models only); the completion is the middle part.")
-
-    @model_validator(mode="after")
-    def _bounded_stop(self) -> NativeParams:
-        check_stops(self.stop)
-        return self
 
     def to_params(self) -> GenerationParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

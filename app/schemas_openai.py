@@ -9,17 +9,22 @@ the allowed ones.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
-from app.schemas import MAX_TEXT_CHARS, StrictSchema, check_stops
+from app.json_types import MAX_EXACT_INT
+from app.schemas import MAX_TEXT_CHARS, Stops, StrictSchema
 from backends.base import GenerationParams, GenerationRequest
 from backends.errors import InvalidRequest
 
 MAX_CHOICES = 8  # most `n` per request; choices are generated one after the other
 MAX_MESSAGES = 1000
+MAX_CONTENT_PARTS = 1000  # text parts of one message
+MAX_PROMPTS = 64  # texts of one completion request (prompts x n is bounded the same)
+MAX_LOGIT_BIAS = 300  # OpenAI's bound; only an empty map is supported here anyway
+MAX_TOOLS = 128  # OpenAI's bound; only an empty list is supported here anyway
 MODEL_DOC = "Model name (GET /v1/models lists them)."
 
 
@@ -36,26 +41,21 @@ class SamplingFields(StrictSchema):
     top_p: float | None = Field(None, ge=0, le=1, description="Default 0.95.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings; generation "
-                                         "ends before the first one and it is not returned.")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Same seed + same "
-                             "params → same text (taken modulo 2**32).")
+    stop: Stops = Field(None, description="Up to 16 strings; generation ends before the "
+                        "first one and it is not returned.")
+    seed: int | None = Field(None, ge=-MAX_EXACT_INT, le=MAX_EXACT_INT, description="Same "
+                             "seed + same params → same text (taken modulo 2**32).")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices to generate "
                           f"(1 to {MAX_CHOICES}; one after the other; seed, seed+1, ...).")
     stream: bool | None = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="End-user id (logged only).")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only "
-                                                "null or {}.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Not supported: only null or {}.")
     # llama.cpp sampling words, as other OpenAI-compatible servers accept them.
     top_k: int | None = Field(None, ge=0, le=100_000, description="Extension; 0 = off.")
     min_p: float | None = Field(None, ge=0, le=1, description="Extension.")
     repeat_penalty: float | None = Field(None, gt=0, le=10, description="Extension.")
-
-    @model_validator(mode="after")
-    def _bounded_stop(self) -> SamplingFields:
-        check_stops(self.stop)
-        return self
 
     def check_supported(self) -> None:
         if self.logit_bias:
@@ -95,7 +95,8 @@ class TextPart(StrictSchema):
 class ChatMessage(StrictSchema):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="`developer` is treated as `system`.")
-    content: str | list[TextPart] = Field(description="A string or an array of text parts.")
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] = Field(
+        description=f"A string or an array of at most {MAX_CONTENT_PARTS} text parts.")
     name: str | None = Field(None, max_length=256)
 
     @model_validator(mode="before")
@@ -120,6 +121,11 @@ class JsonSchemaFormat(StrictSchema):
 
 
 class ResponseFormat(StrictSchema):
+    # `_schema_given`, as the OpenAPI document says it.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -142,10 +148,10 @@ class ChatCompletionRequest(SamplingFields):
                                   "(models with the logprobs capability).")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="The likeliest tokens "
                                      "at each step; needs logprobs: true.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only "
-                                               "null or [].")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only null or "
-                                                     "'none'.")
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, description="Not "
+                                               "supported: only null or [].")
+    tool_choice: Annotated[str, Field(max_length=64)] | dict[str, Any] | None = Field(
+        None, description="Only null or 'none'.")
     parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
@@ -174,8 +180,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """Body of POST /v1/completions."""
 
-    prompt: str | list[str] = Field(description="A text or a list of texts (each gets `n` "
-                                    "choices).")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"A text or a list of 1 to {MAX_PROMPTS} texts (each gets `n` choices).")
     max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Default: the "
                                    "model's default_max_tokens, else what the context leaves.")
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="Fill-in-the-"
@@ -190,8 +196,8 @@ class CompletionRequest(SamplingFields):
         prompts = self.prompts()
         if not prompts:
             raise ValueError("prompt must not be an empty list")
-        if len(prompts) * self.choices() > 64:
-            raise ValueError("at most 64 choices per request (prompts × n)")
+        if len(prompts) * self.choices() > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} choices per request (prompts × n)")
         if sum(len(p) for p in prompts) > MAX_TEXT_CHARS:
             raise ValueError(f"prompts hold more than {MAX_TEXT_CHARS} characters in total")
         return self
@@ -208,11 +214,21 @@ class CompletionRequest(SamplingFields):
                 for one in self.per_choice(GenerationRequest(prompt=prompt, params=params))]
 
 
+#: `input` as `_input_shape` and `_bounded_input` accept it: nothing empty.
+_EMBEDDING_INPUT = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+    {"type": "array", "minItems": 1,
+     "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]}
+
+
 class EmbeddingRequest(StrictSchema):
     """Body of POST /v1/embeddings."""
 
     model: str = Field(max_length=200, description=MODEL_DOC)
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: Annotated[str | list[str] | list[int] | list[list[int]],
+                     WithJsonSchema(_EMBEDDING_INPUT)] = Field(
         description="A text, a list of texts, token ids, or a list of token-id lists.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Not supported: the model's size.")

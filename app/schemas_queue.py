@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StrictSchema
+from app.schemas import MAX_STOP_SEQUENCES, MAX_TEXT_CHARS, StopString, StrictSchema
 from app.schemas_openai import MAX_MESSAGES, ChatMessage
 from backends.base import GenerationParams, GenerationRequest
 
@@ -23,14 +23,9 @@ class QueueMeta(StrictSchema):
     tokens_limit: int | None = Field(None, ge=1, le=1_000_000, description="Most tokens to "
                                      "generate; more than the context leaves is clamped (with "
                                      "a Warning header), not rejected.")
-    stop_words: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop_words: list[StopString] | None = Field(None, max_length=MAX_STOP_SEQUENCES,
+                                                description="1 to 500 characters each.")
     model: str | None = Field(None, max_length=200, description="Default: the first model.")
-
-    @model_validator(mode="after")
-    def _bounded_stop(self) -> QueueMeta:
-        if any(not s or len(s) > 500 for s in self.stop_words or []):
-            raise ValueError("each stop word must have 1 to 500 characters")
-        return self
 
     def to_params(self) -> GenerationParams:
         given: dict[str, Any] = {"temperature": self.temperature} \
@@ -40,7 +35,8 @@ class QueueMeta(StrictSchema):
 
 
 class QueueJob(StrictSchema):
-    job_id: str = Field(description="1 to 200 printable ASCII characters, no spaces; echoed "
+    job_id: str = Field(json_schema_extra={"pattern": f"^{JOB_ID.pattern}$"},
+                        description="1 to 200 printable ASCII characters, no spaces; echoed "
                         "in X-Request-ID and the log.")
     priority: int | None = Field(None, ge=-1000, le=1000, description="Accepted; requests "
                                  "are served in arrival order.")
@@ -81,6 +77,11 @@ class QueueGenerateRequest(QueueJob):
 
 class TokenizeRequest(StrictSchema):
     """Body of POST /tokenize: a text, or chat messages rendered by the chat template."""
+
+    # `_one_input`, as the OpenAPI document says it: exactly one of the two is given.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
 
     model: str | None = Field(None, max_length=200)
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS)

@@ -17,6 +17,7 @@ from fastapi import Request
 
 from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
+from app.prompts import PreparedPrompt, bound_chars, bound_texts, prompt_chars, reusing_ids
 from app.scheduler import JobStream, ModelScheduler
 from backends.base import (
     CHAT,
@@ -48,29 +49,13 @@ def prompt_words(request: GenerationRequest) -> int:
     return len((request.prompt or "").split())
 
 
-def reservation(backend: Backend, request: GenerationRequest) -> int:
-    """Prompt tokens + the most completion tokens the request may produce (engine thread)."""
-    prompt = 0
-    if TOKENIZE in backend.capabilities:
-        if request.messages is not None:
-            if CHAT in backend.capabilities:
-                text = backend.apply_chat_template(request.messages)
-                prompt = len(backend.tokenize(text, add_special=False))
-        else:
-            prompt = len(backend.tokenize(request.prompt or ""))
-            if request.params.suffix is not None:
-                prompt += len(backend.tokenize(request.params.suffix, add_special=False)) + 3
-    room = backend.context_length
-    completion = request.params.max_tokens
-    if completion is None:
-        completion = max(0, room - prompt) if room is not None else 0
-    return prompt + completion
-
-
 async def start_generation(scheduler: ModelScheduler, request: GenerationRequest,
-                           meter: Meter) -> JobStream:
+                           meter: Meter, *, clamp: bool = False) -> MeteredStream:
     """Admit the request on `meter`, queue the generation and return its stream once the
-    prompt was accepted. The stream settles its ticket when it ends, however it ends."""
+    prompt was accepted. The stream settles its ticket when it ends, however it ends.
+
+    The prompt is bounded in characters first, then tokenized once, off the engine thread
+    (`PreparedPrompt`); with `clamp`, see there."""
     _require(scheduler, GENERATE, "text generation")
     if request.messages is not None:
         _require(scheduler, CHAT, "chat messages (it has no chat template)")
@@ -81,28 +66,30 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
         params = replace(request.params, max_tokens=scheduler.default_max_tokens)
         request = replace(request, params=params)
-    final = request
+    bound_chars(scheduler, prompt_chars(request),
+                "messages" if request.messages is not None else "prompt")
+    prompt = PreparedPrompt(scheduler, request, clamp)
 
-    async def count() -> int:
-        tokens: int = await scheduler.call(lambda backend: reservation(backend, final))
-        return tokens
-
-    ticket = await meter.admit(scheduler.name, prompt_words(request), count)
+    ticket = await meter.admit(scheduler.name, prompt_words(request), prompt.reservation)
     try:
+        request = await prompt.request()
         stream = await scheduler.generate(request)
     except BaseException:
         await ticket.refund()
         raise
     ticket.running = True
-    return MeteredStream(stream, ticket)
+    return MeteredStream(stream, ticket, request, prompt.clamped)
 
 
 class MeteredStream(JobStream):
     """A job's stream that reports its chunks to its ticket and settles it at the end."""
 
-    def __init__(self, inner: JobStream, ticket: Ticket) -> None:  # noqa: D107
+    def __init__(self, inner: JobStream, ticket: Ticket, request: GenerationRequest,
+                 clamped: int | None = None) -> None:  # noqa: D107
         super().__init__(inner._job, inner.first)
         self._ticket = ticket
+        self.request = request  # as the engine got it (prompt_ids set when tokenized)
+        self.clamped = clamped  # the lowered max_tokens, when start_generation clamped it
 
     def observe(self, item: Any) -> None:
         if isinstance(item, Chunk):
@@ -118,8 +105,9 @@ async def start_clamped(scheduler: ModelScheduler, request: GenerationRequest,
     what it leaves instead of failing; returns the stream and the lowered max_tokens (or
     None when the request fit)."""
     try:
-        return await start_generation(scheduler, request, meter), None
-    except ContextLengthExceeded as exc:
+        stream = await start_generation(scheduler, request, meter, clamp=True)
+        return stream, stream.clamped
+    except ContextLengthExceeded as exc:  # from a backend that tokenizes on its engine thread
         room = exc.context_length - exc.prompt_tokens
         if room <= 0:  # the prompt alone fills the context
             raise
@@ -139,9 +127,10 @@ class Completed:
 async def generate_choices(http: Request, scheduler: ModelScheduler,
                            requests: list[GenerationRequest], meter: Meter) -> list[Completed]:
     """Run each request to completion in turn (the `n` choices of one API request)."""
-    results = []
+    results, previous = [], None
     for request in requests:
-        stream = await start_generation(scheduler, request, meter)
+        stream = await start_generation(scheduler, reusing_ids(previous, request), meter)
+        previous = stream.request
         results.append(await unless_disconnected(http, stream, _complete(stream)))
     return results
 
@@ -165,9 +154,12 @@ async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationReq
     first = await start_generation(scheduler, requests[0], meter)
 
     async def streams() -> AsyncIterator[tuple[int, JobStream]]:
-        for index, request in enumerate(requests):
-            yield index, first if index == 0 else await start_generation(scheduler, request,
-                                                                          meter)
+        yield 0, first
+        previous = first.request
+        for index, request in enumerate(requests[1:], start=1):
+            stream = await start_generation(scheduler, reusing_ids(previous, request), meter)
+            previous = stream.request
+            yield index, stream
 
     return streams()
 
@@ -185,6 +177,7 @@ async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
 
 async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> list[list[float]]:
     """Embed `texts`, metered: their tokens count as prompt tokens."""
+    bound_texts(scheduler, texts, "text")
     vectors, _ = await _embed_metered(scheduler, texts, meter, None)
     return vectors
 
@@ -196,12 +189,24 @@ async def embed_inputs(scheduler: ModelScheduler, inputs: list[str] | list[list[
     _require(scheduler, EMBED, "embeddings")
     ids = [i for i in inputs if isinstance(i, list)]
     texts = [i for i in inputs if isinstance(i, str)]
+    bound_texts(scheduler, texts, "input")
     known = None
     if ids:
         _require(scheduler, TOKENIZE, "token-id input")
-        texts = await scheduler.call(lambda b: [b.detokenize(one) for one in ids])
+        _bound_ids(scheduler, ids)
+        texts = await scheduler.call_tokenizer(lambda b: [b.detokenize(one) for one in ids])
         known = sum(len(one) for one in ids)
     return await _embed_metered(scheduler, texts, meter, known)
+
+
+def _bound_ids(scheduler: ModelScheduler, ids: list[list[int]]) -> None:
+    """Refuse an id list longer than the model's context before detokenizing it."""
+    context = scheduler.backend.context_length if scheduler.backend is not None else None
+    for i, one in enumerate(ids):
+        if context is not None and len(one) > context:
+            raise ContextLengthExceeded(prompt_tokens=len(one), max_tokens=0,
+                                        context_length=context,
+                                        param=f"input[{i}]" if len(ids) > 1 else "input")
 
 
 async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Meter,
@@ -212,8 +217,9 @@ async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Met
 
     async def count() -> int:
         if not counted:
-            counted.append(await scheduler.call(lambda b: sum(len(b.tokenize(t)) for t in texts)
-                                                if TOKENIZE in b.capabilities else 0))
+            counted.append(await scheduler.call_tokenizer(
+                lambda b: sum(len(b.tokenize(t)) for t in texts)
+                if TOKENIZE in b.capabilities else 0))
         return counted[0]
 
     ticket = await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
@@ -234,20 +240,21 @@ async def tokenize(scheduler: ModelScheduler, text: str | None,
     _require(scheduler, TOKENIZE, "tokenization")
     if messages is not None:
         _require(scheduler, CHAT, "chat messages (it has no chat template)")
+        bound_chars(scheduler, sum(len(m["content"]) for m in messages), "messages")
+    else:
+        bound_chars(scheduler, len(text or ""), "text")
 
     def run(backend: Backend) -> list[int]:
         if messages is not None:  # the template writes the special tokens itself
             return backend.tokenize(backend.apply_chat_template(messages), add_special=False)
         return backend.tokenize(text or "", add_special=add_special)
 
-    ids: list[int] = await scheduler.call(run)
-    return ids
+    return await scheduler.call_tokenizer(run)
 
 
 async def detokenize(scheduler: ModelScheduler, ids: list[int]) -> str:
     _require(scheduler, TOKENIZE, "detokenization")
-    text: str = await scheduler.call(lambda b: b.detokenize(ids))
-    return text
+    return await scheduler.call_tokenizer(lambda b: b.detokenize(ids))
 
 
 def _capabilities(scheduler: ModelScheduler) -> frozenset[str]:

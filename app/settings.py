@@ -244,6 +244,7 @@ class ModelEntry:
     request_timeout: float
     default_max_tokens: int | None
     setup_key: str  # where setup_params sits in the config, for messages
+    prompt_chars_per_token: int = 8  # server.max_prompt_chars_per_token
 
 
 def load_settings(config: str | Path | None = None) -> Settings:
@@ -295,7 +296,8 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
             max_queue=settings.server.max_queue if cfg.max_queue is None else cfg.max_queue,
             request_timeout=cfg.request_timeout or settings.server.request_timeout,
             default_max_tokens=cfg.default_max_tokens,
-            setup_key=".".join((*where, "setup_params"))))
+            setup_key=".".join((*where, "setup_params")),
+            prompt_chars_per_token=settings.server.max_prompt_chars_per_token))
     if problems:
         raise SettingsError("invalid settings:\n" + "\n".join(problems))
     return entries

@@ -59,6 +59,9 @@ class GenerationRequest:
     prompt: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+    # The prompt as the engine feeds it (template applied, tokenized), when the server
+    # tokenized it off the engine thread; None: the backend tokenizes it itself.
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,11 @@ class Backend(abc.ABC):
     weights: ClassVar[str | None] = "file"
     #: The family-specific `setup_params` keys this family reads (see app.settings).
     setup_keys: ClassVar[frozenset[str]] = frozenset()
+    #: True when `tokenize`, `detokenize`, `apply_chat_template` and `prompt_tokens` may run
+    #: on another thread while the engine thread generates (they only read the vocabulary
+    #: and the template). The server then tokenizes off the engine thread, so a long prompt
+    #: never holds up the streams being decoded; otherwise it asks the engine thread.
+    tokenizes_off_engine: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
@@ -146,6 +154,19 @@ class Backend(abc.ABC):
 
     def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
         raise CapabilityNotSupported(f"Model family '{self.family}' has no chat template.")
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The token ids the engine feeds for the request: its `prompt_ids` when the server
+        tokenized it already, else the chat template's text (which writes the special
+        tokens, BOS included, itself) or the prompt with BOS, tokenized."""
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        if request.params.suffix is not None:
+            raise CapabilityNotSupported(f"'suffix' (fill-in-the-middle) is not supported by "
+                                         f"model family '{self.family}'.", param="suffix")
+        if request.messages is not None:
+            return self.tokenize(self.apply_chat_template(request.messages), add_special=False)
+        return self.tokenize(request.prompt or "")
 
     def batch_engine(self) -> BatchEngine | None:
         """The engine that decodes many sequences together, None to serve `generate` one

@@ -72,6 +72,10 @@ class HFBackend(Backend):
     weights: ClassVar[str | None] = "snapshot"
     setup_keys: ClassVar[frozenset[str]] = frozenset({"tokenizer_repo_id", "config_params",
                                                       "task"})
+    # A fast tokenizer encodes and decodes through shared borrows of the Rust tokenizer (and
+    # releases the GIL while it works); only changing its truncation or padding borrows it
+    # mutably, which `__init__` settles once (see there). The template is a Jinja render.
+    tokenizes_off_engine: ClassVar[bool] = True
 
     def __init__(self, model: Any, tokenizer: Any, params: HFParams, task: str,
                  folder: Path) -> None:
@@ -79,6 +83,11 @@ class HFBackend(Backend):
 
         self._model = model
         self._tokenizer = tokenizer
+        # transformers switches the tokenizer's truncation and padding off on its first call
+        # if the files set them (a mutation of the Rust tokenizer, which raises "Already
+        # borrowed" if another thread is encoding then): make that call here, before any
+        # request can tokenize off the engine thread. Later calls change nothing.
+        self.tokenize("")
         self._params = params
         self._task = task
         self._pooling = read_pooling(folder, params.normalize_embeddings)
@@ -218,15 +227,6 @@ class HFBackend(Backend):
                 list(messages), tokenize=False, add_generation_prompt=True)
         return prompt
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.params.suffix is not None:
-            raise CapabilityNotSupported(f"'suffix' (fill-in-the-middle) is not supported by "
-                                         f"model family '{self.family}'.", param="suffix")
-        if request.messages is not None:
-            # The template writes the special tokens (BOS included) itself.
-            return self.tokenize(self.apply_chat_template(request.messages), add_special=False)
-        return self.tokenize(request.prompt or "")
-
     # -- generation ------------------------------------------------------------------------
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
@@ -235,7 +235,7 @@ class HFBackend(Backend):
         if self._task == "embedding":
             raise CapabilityNotSupported("This is an embedding model (setup_params.task: "
                                          "embedding); it does not generate text.")
-        tokens = self._prompt_tokens(request)
+        tokens = self.prompt_tokens(request)
         room = self.context_length - len(tokens)
         wanted = request.params.max_tokens
         max_tokens = wanted if wanted is not None else room

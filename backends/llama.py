@@ -83,6 +83,9 @@ class LlamaParams(ModelParams):
 class LlamaBackend(Backend):
     family = "llama"
     Params = LlamaParams
+    # llama_tokenize and llama_detokenize only read the vocabulary (llama-server tokenizes
+    # on its HTTP threads too); the chat template is a Jinja render.
+    tokenizes_off_engine = True
 
     def __init__(self, model: LlamaModel, params: LlamaParams) -> None:
         import llama_cpp
@@ -204,15 +207,12 @@ class LlamaBackend(Backend):
         return piece
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            # The template writes the special tokens (BOS included) itself.
-            prompt = self.apply_chat_template(request.messages)
-            return list(self._model.tokenize(prompt.encode("utf-8"), add_bos=False,
-                                             special=True))
-        prompt = request.prompt or ""
+        """As the base class does, plus fill-in-the-middle: a prompt with a `suffix` becomes
+        the model's FIM tokens around both."""
         suffix = request.params.suffix
-        if suffix is None:
-            return self.tokenize(prompt)
+        if request.prompt_ids is not None or request.messages is not None or suffix is None:
+            return super().prompt_tokens(request)
+        prompt = request.prompt or ""
         fim = [self._lib.llama_vocab_fim_pre(self._vocab), self._lib.llama_vocab_fim_suf(
             self._vocab), self._lib.llama_vocab_fim_mid(self._vocab)]
         if min(fim) < 0:

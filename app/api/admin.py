@@ -19,9 +19,10 @@ from app.auth.schemas import (
 )
 from app.auth.usage import usage_report
 from app.errors import InvalidParams
+from app.json_body import JSONBodyRoute
 
-router = APIRouter(tags=["usage"])
-admin = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(tags=["usage"], route_class=JSONBodyRoute)
+admin = APIRouter(prefix="/admin", tags=["admin"], route_class=JSONBodyRoute)
 
 From = Annotated[date | None, Query(alias="from", description="First day (YYYY-MM-DD), UTC.")]
 To = Annotated[date | None, Query(alias="to", description="Last day (YYYY-MM-DD), inclusive.")]

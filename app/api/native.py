@@ -15,6 +15,7 @@ from app import service
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, as_domain_error, sse_error
+from app.json_body import BodyNotJSON, JSONBodyRoute, parse_body
 from app.scheduler import JobStream
 from app.schemas import EmbeddingsRequest, GenerateRequest
 from app.schemas_queue import (
@@ -27,7 +28,7 @@ from app.schemas_queue import (
 from app.sse import EventStream, data_event
 from backends.base import GenerationRequest
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], route_class=JSONBodyRoute)
 log = logging.getLogger(__name__)
 
 
@@ -49,10 +50,11 @@ class DetokenizeAnswer(BaseModel):
 async def generate_body(request: Request) -> GenerateRequest | QueueGenerateRequest:
     """The classic body, or the queue-style one when it has job_id/meta/content."""
     try:
-        data = await request.json()
-    except ValueError:
+        data = parse_body(await request.body())
+    except BodyNotJSON as exc:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
-                                       "msg": "JSON decode error"}]) from None
+                                       "msg": "JSON decode error",
+                                       "ctx": {"error": exc.msg}}]) from None
     schema = QueueGenerateRequest if QueueGenerateRequest.matches(data) else GenerateRequest
     try:
         return schema.model_validate(data)

@@ -15,6 +15,7 @@ from app import service
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, ModelNotFound, as_domain_error, sse_error_data
+from app.json_body import JSONBodyRoute
 from app.pool import ModelPool
 from app.responses_openai import (
     AssistantMessage,
@@ -40,7 +41,7 @@ from app.schemas_openai import ChatCompletionRequest, CompletionRequest, Embeddi
 from app.sse import EventStream, data_event
 from backends.base import Chunk
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 log = logging.getLogger(__name__)
 
 Frame = bytes | dict[str, str]
