@@ -16,6 +16,7 @@ from app.auth.schemas import KeyInfo
 from app.errors import RateLimited
 from tests.auth.conftest import bearer, create_key
 from tests.conftest import assert_error, wait_for
+from tests.gated import gated_family
 
 
 class Clock:
@@ -138,22 +139,24 @@ def test_replicas_share_counters_through_redis(auth_server: Any, redis_url: str,
     assert statuses == [200, 200, 200, 429]
 
 
-def test_max_parallel_over_http(auth_server: Any) -> None:
-    server = auth_server()
+def test_max_parallel_over_http(auth_server: Any, request: pytest.FixtureRequest) -> None:
+    gate = gated_family(request)
+    # the second request goes to another model: its engine is free while gated's is held
+    server = auth_server(models={"gated": gate.model(), "rev": {"model_family": "reverse"}})
     _, secret = create_key(server.client, max_parallel=1)
-    long = {"prompt": "hello", "model": "tiny", "params": {"max_tokens": 1500, "temperature": 0}}
+    short = {"prompt": "x", "model": "rev"}
+    long = {"prompt": "hello", "model": "gated", "params": {"max_tokens": 50}}
     with server.client.stream("POST", "/agenerate", json=long,
                               headers=bearer(secret)) as response:
         lines = response.iter_lines()  # kept: a discarded iterator closes the response
         next(lines)
-        second = server.client.post("/generate", json={"prompt": "x", "model": "rev"},
-                                    headers=bearer(secret))
+        gate.wait_reached()  # held there: the first request is still running
+        second = server.client.post("/generate", json=short, headers=bearer(secret))
         assert_error(second, 429, "rate_limit_exceeded", ("max_parallel is 1",))
         assert second.headers["retry-after"] == "1"
 
-    def slot_is_back() -> bool:
-        response = server.client.post("/generate", json={"prompt": "x", "model": "rev"},
-                                      headers=bearer(secret))
+    def slot_is_back() -> bool:  # the client left while its request was held at the gate
+        response = server.client.post("/generate", json=short, headers=bearer(secret))
         return response.status_code == 200
 
     wait_for(slot_is_back, what="the parallel slot to come back after the disconnect")
