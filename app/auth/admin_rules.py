@@ -22,6 +22,7 @@ from backends.errors import InvalidRequest
 
 _ADMIN_CHANGES_LOCK = 0x11A_AD1  # Postgres advisory lock id of changes that affect admins
 OWNED_BY_SETTINGS = ("role", "valid_from", "expires_at")  # fields of a configured key
+CONFIGURED_PREFIX = "(settings)"  # the configured key's display prefix: none of its secret
 
 
 def serialise(session: Session) -> None:

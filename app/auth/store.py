@@ -167,14 +167,16 @@ class KeyStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def create(self, fields: KeyLimits, secret: str | None = None) -> KeyCreated:
-        """Store a new key; its secret (generated unless given) is returned only here."""
+    def create(self, fields: KeyLimits, secret: str | None = None,
+               prefix: str | None = None) -> KeyCreated:
+        """Store a new key; its secret (generated unless given) is returned only here.
+        `prefix` replaces the secret's first characters as the key's display name."""
         secret = secret or keys.generate_secret()
         data = fields.model_dump()
         data["valid_from"] = keys.utc(fields.valid_from)
         data["expires_at"] = keys.utc(fields.expires_at, end_of_day=True)
         row = ApiKey(**data, secret_hash=keys.hash_secret(secret),
-                     prefix=keys.display_prefix(secret), created_at=keys.now(),
+                     prefix=prefix or keys.display_prefix(secret), created_at=keys.now(),
                      used_requests=0, used_tokens=0, reserved_tokens=0)
         with self._session.begin() as session:
             session.add(row)
@@ -249,7 +251,8 @@ class KeyStore:
 
     def ensure_admin(self, secret: str) -> KeyInfo:
         """The configured admin key: created when missing, and made an active admin again
-        if it is not one (the settings win over changes made before this rule existed)."""
+        if it is not one (the settings win over changes made before this rule existed).
+        Its display prefix is not its first characters: an operator's key may be short."""
         digest = keys.hash_secret(secret)
         with self._session.begin() as session:
             row = session.scalars(select(ApiKey).where(ApiKey.secret_hash == digest)).first()
@@ -260,9 +263,11 @@ class KeyStore:
                                 row.id)
                     row.role, row.revoked_at, row.revoked_reason = "admin", None, None
                     row.valid_from = row.expires_at = None
-                    session.flush()
+                row.prefix = admin_rules.CONFIGURED_PREFIX
+                session.flush()
                 return KeyInfo.model_validate(row)
-        return self.create(KeyLimits(name="admin (from settings)", role="admin"), secret)
+        return self.create(KeyLimits(name="admin (from settings)", role="admin"), secret,
+                           prefix=admin_rules.CONFIGURED_PREFIX)
 
     @staticmethod
     def _row(session: Session, key_id: int) -> ApiKey:

@@ -145,7 +145,9 @@ def test_configured_admin_key_cannot_be_rotated_or_revoked(tmp_path: Path) -> No
     server = LiveServer(config, tmp_path / "srv").start()
     try:
         client = server.client
-        [configured] = client.get("/admin/keys", headers=ADMIN).json()
+        listing = client.get("/admin/keys", headers=ADMIN)
+        [configured] = listing.json()
+        assert configured["prefix"] == "(settings)" and ADMIN_KEY[:13] not in listing.text
         for action in ("rotate", "revoke"):
             assert_error(client.post(f"/admin/keys/{configured['id']}/{action}",
                                      headers=ADMIN), 400, "invalid_request",
