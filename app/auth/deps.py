@@ -1,7 +1,10 @@
 """FastAPI dependencies: who is calling (`KeyDep`), admins only, the request's `Meter`.
 
 `create_app` includes every router except health's with `guarded()` (or `admin_only()`), so
-a new route is authenticated by the way its router is included.
+a new route is authenticated by the way its router is included. The key itself is found
+earlier, from the headers, by the request gate (`app.limits.RequestGate`, before any body is
+read, with failed attempts throttled per address: `app.auth.throttle`); `authenticate`
+returns the key it found.
 """
 
 from __future__ import annotations
