@@ -11,6 +11,7 @@ from app.scheduler import ModelScheduler
 from app.settings import ModelEntry
 from backends.base import Backend, ModelSpec
 from backends.errors import ModelLoadError
+from backends.grammar import GrammarLimits
 from backends.hub import fetch_file, fetch_snapshot
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class ModelPool:
                 e.name, partial(load_model, e, models_dir),
                 max_queue=e.max_queue, request_timeout=e.request_timeout,
                 default_max_tokens=e.default_max_tokens,
-                prompt_chars_per_token=e.prompt_chars_per_token)
+                prompt_chars_per_token=e.prompt_chars_per_token,
+                grammar_limits=GrammarLimits(e.max_grammar_repeat, e.max_grammar_bytes))
             for e in entries
         }
 

@@ -38,6 +38,7 @@ from app.errors import (
 )
 from backends.base import Backend, BatchEngine, Chunk, GenerationRequest
 from backends.errors import LLMAPIError, ModelLoadError
+from backends.grammar import GrammarLimits
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +179,14 @@ class ModelScheduler:
 
     def __init__(self, name: str, loader: Callable[[], Backend], *, max_queue: int,
                  request_timeout: float, default_max_tokens: int | None = None,
-                 prompt_chars_per_token: int = 8) -> None:
+                 prompt_chars_per_token: int = 8,
+                 grammar_limits: GrammarLimits | None = None) -> None:
         self.name = name
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.default_max_tokens = default_max_tokens
         self.prompt_chars_per_token = prompt_chars_per_token  # server.max_prompt_chars_per_token
+        self.grammar_limits = grammar_limits or GrammarLimits()  # server.max_grammar_*
         self.state = "loading"
         self.error: str | None = None
         self.stats = SchedulerStats()

@@ -32,6 +32,7 @@ from backends.base import (
     TokenLogprob,
 )
 from backends.errors import CapabilityNotSupported, ContextLengthExceeded
+from backends.grammar import prepare_grammar
 
 T = TypeVar("T")
 
@@ -73,12 +74,25 @@ async def start_generation(scheduler: ModelScheduler, request: GenerationRequest
     ticket = await meter.admit(scheduler.name, prompt_words(request), prompt.reservation)
     try:
         request = await prompt.request()
+        request = await _with_grammar(scheduler, request)
         stream = await scheduler.generate(request)
     except BaseException:
         await ticket.refund()
         raise
     ticket.running = True
     return MeteredStream(stream, ticket, request, prompt.clamped)
+
+
+async def _with_grammar(scheduler: ModelScheduler,
+                        request: GenerationRequest) -> GenerationRequest:
+    """The request with its JSON grammar written and parsed by llama.cpp once, in a worker
+    thread: a bad or oversized schema is a 400 here, never work on the engine thread."""
+    params = request.params
+    if not params.json_mode and params.json_schema is None:
+        return request
+    vocab = getattr(scheduler.backend, "vocab", None)  # llama.cpp's parser reads it
+    params = await asyncio.to_thread(prepare_grammar, params, scheduler.grammar_limits, vocab)
+    return replace(request, params=params)
 
 
 class MeteredStream(JobStream):

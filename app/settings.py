@@ -245,6 +245,8 @@ class ModelEntry:
     default_max_tokens: int | None
     setup_key: str  # where setup_params sits in the config, for messages
     prompt_chars_per_token: int = 8  # server.max_prompt_chars_per_token
+    max_grammar_repeat: int = 500  # server.max_grammar_repeat
+    max_grammar_bytes: int = 65_536  # server.max_grammar_bytes
 
 
 def load_settings(config: str | Path | None = None) -> Settings:
@@ -297,7 +299,9 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
             request_timeout=cfg.request_timeout or settings.server.request_timeout,
             default_max_tokens=cfg.default_max_tokens,
             setup_key=".".join((*where, "setup_params")),
-            prompt_chars_per_token=settings.server.max_prompt_chars_per_token))
+            prompt_chars_per_token=settings.server.max_prompt_chars_per_token,
+            max_grammar_repeat=settings.server.max_grammar_repeat,
+            max_grammar_bytes=settings.server.max_grammar_bytes))
     if problems:
         raise SettingsError("invalid settings:\n" + "\n".join(problems))
     return entries

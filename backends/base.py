@@ -47,6 +47,9 @@ class GenerationParams:
     # `json_mode`, a value matching `json_schema` when set. Others reject the request.
     json_mode: bool = False
     json_schema: dict[str, Any] | None = None
+    # The GBNF of json_mode/json_schema, written and checked before admission
+    # (backends.grammar.prepare_grammar); None: the engine writes it itself.
+    grammar: str | None = None
     # None: no log-probabilities; k >= 0: each generated token's log-probability under the
     # model (before sampling settings) and the k likeliest tokens at that step (LOGPROBS).
     logprobs: int | None = None

@@ -1,38 +1,50 @@
-"""JSON output for llama.cpp: a grammar from a JSON schema (or any JSON object).
+"""JSON output for llama.cpp: a grammar from a JSON schema (or any JSON object), written and
+checked before the request reaches the engine.
 
-llama-cpp-python's schema converter enforces types, enum/const, required and additional
-properties, string lengths and patterns, array lengths, $ref and anyOf/oneOf/allOf, but
-silently ignores some keywords (numeric bounds, uniqueItems, ...). A schema using one of those
-is rejected: output that looks constrained but is not would be worse than a clear 400.
+`prepare_grammar` runs once per request before admission, in a worker thread: it writes the
+GBNF (grammar_schema.py; every bound checked against `GrammarLimits`) and has llama.cpp parse
+it, so a grammar llama.cpp rejects is a 400 there, never a NULL sampler in the engine (whose
+first use dereferenced it and ended the process). The engine then only builds the sampler
+from the checked text (`grammar_sampler`, which checks for NULL all the same).
+
+Keywords that constrain values but cannot be enforced are refused: output that looks
+constrained but is not would be worse than a clear 400.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 from backends.base import GenerationParams
 from backends.errors import InvalidRequest
+from backends.grammar_gbnf import GrammarLimits, Rules, refuse
+from backends.grammar_schema import SchemaGrammar
 
-if TYPE_CHECKING:
-    from llama_cpp.llama_grammar import LlamaGrammar
+__all__ = ["GrammarLimits", "grammar_for", "grammar_sampler", "prepare_grammar",
+           "schema_grammar", "unenforced_keywords"]
 
 UNENFORCED = frozenset({
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "uniqueItems", "contains", "minContains", "maxContains", "minProperties",
     "maxProperties", "patternProperties", "propertyNames", "dependentRequired",
-    "dependentSchemas", "not", "if", "then", "else",
+    "dependentSchemas", "not", "if", "then", "else", "unevaluatedItems",
+    "unevaluatedProperties", "dependencies", "additionalItems", "$dynamicRef",
+    "$recursiveRef",
 })
-_LOOSE_CHAR = 'char ::= [^"\\\\] |'
-_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+SUPPORTED = ("type, properties, required, additionalProperties, enum, const, items, "
+             "prefixItems, minItems, maxItems, minLength, maxLength, pattern, format, $ref, "
+             "$defs, anyOf, oneOf (read as anyOf), allOf")
+MAX_SCHEMA_DEPTH = 64  # JSON nesting of the schema document
+MAX_SCHEMA_NODES = 20_000  # values in the schema document
 _NAMED = ("properties", "$defs", "definitions")  # values are schemas, keys are names
 _LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _ONE = ("items", "additionalProperties")
 
 
 def unenforced_keywords(schema: Any, where: str = "schema") -> Iterator[str]:
-    """Where the schema uses a keyword the converter would ignore."""
+    """Where the schema uses a keyword the grammar would not enforce."""
     if not isinstance(schema, dict):
         return
     for key, value in schema.items():
@@ -48,27 +60,73 @@ def unenforced_keywords(schema: Any, where: str = "schema") -> Iterator[str]:
             yield from unenforced_keywords(value, f"{where}.{key}")
 
 
-def json_grammar(params: GenerationParams) -> LlamaGrammar | None:
-    """The grammar for `params`' JSON output, None for free text."""
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+def _check_size(schema: Any) -> None:
+    """Bound the schema document's depth and size before anything recurses into it."""
+    todo, seen = [(schema, 1)], 0
+    while todo:
+        value, depth = todo.pop()
+        seen += 1
+        if depth > MAX_SCHEMA_DEPTH or seen > MAX_SCHEMA_NODES:
+            raise refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels or holds "
+                         f"more than {MAX_SCHEMA_NODES} values.")
+        children = value.values() if isinstance(value, dict) else \
+            value if isinstance(value, list) else ()
+        todo.extend((child, depth + 1) for child in children)
 
+
+def schema_grammar(schema: Any, limits: GrammarLimits) -> str:
+    """The GBNF of values matching `schema`; InvalidRequest naming what cannot be done."""
+    _check_size(schema)
+    if found := list(unenforced_keywords(schema)):
+        raise InvalidRequest(
+            f"response_format.json_schema uses keywords constrained decoding cannot "
+            f"enforce: {', '.join(found[:10])}. Supported: {SUPPORTED}.",
+            param="response_format")
+    rules = Rules(limits)
+    return rules.grammar(SchemaGrammar(schema, rules).root())
+
+
+def _json_object_grammar(limits: GrammarLimits) -> str:
+    rules = Rules(limits)
+    return rules.grammar(rules.primitive("object"))
+
+
+def compile_grammar(params: GenerationParams, limits: GrammarLimits) -> str | None:
+    """GBNF for `params`' constrained output (a schema, or any JSON object); None for
+    free text."""
     if params.json_schema is not None:
-        if found := list(unenforced_keywords(params.json_schema)):
-            raise InvalidRequest(
-                f"response_format.json_schema uses keywords constrained decoding cannot "
-                f"enforce: {', '.join(found[:10])}. Supported: type, properties, required, "
-                "additionalProperties, enum, const, items, prefixItems, minItems, maxItems, "
-                "minLength, maxLength, pattern, format, $ref, anyOf, oneOf, allOf.",
-                param="response_format")
-        try:
-            gbnf = json_schema_to_gbnf(json.dumps(params.json_schema))
-        except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions
-            raise InvalidRequest(
-                f"response_format.json_schema could not be turned into a grammar "
-                f"({type(exc).__name__}); see llama.cpp's json-schema-to-grammar for what "
-                "is supported.", param="response_format") from None
-        # The converter lets strings hold raw control characters, which JSON forbids.
-        return LlamaGrammar.from_string(gbnf.replace(_LOOSE_CHAR, _JSON_CHAR), verbose=False)
-    if params.json_mode:
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    return None
+        return schema_grammar(params.json_schema, limits)
+    return _json_object_grammar(limits) if params.json_mode else None
+
+
+def prepare_grammar(params: GenerationParams, limits: GrammarLimits,
+                    vocab: Any = None) -> GenerationParams:
+    """`params` with its grammar written and (given the model's `vocab`) parsed by llama.cpp
+    once, off the engine thread: llama.cpp only reads the vocabulary here."""
+    gbnf = compile_grammar(params, limits)
+    if gbnf is None:
+        return params
+    if vocab is not None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, vocab, gbnf))
+    return replace(params, grammar=gbnf)
+
+
+def grammar_for(params: GenerationParams) -> str | None:
+    """The engine's grammar text: the one checked before admission, else (a direct caller
+    of the backend) written now with the default limits."""
+    if params.grammar is not None:
+        return params.grammar
+    return compile_grammar(params, GrammarLimits())
+
+
+def grammar_sampler(lib: Any, vocab: Any, gbnf: str) -> Any:
+    """llama.cpp's grammar sampler for `gbnf`; a 400 when llama.cpp rejects the grammar
+    (it returns NULL, and the first sample would dereference it)."""
+    sampler = lib.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+    if not sampler:
+        raise InvalidRequest("response_format: llama.cpp could not use the grammar made "
+                             "from this schema (the server log has its reason); simplify "
+                             "the schema.", param="response_format")
+    return sampler

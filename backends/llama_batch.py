@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.base import BatchEngine, Chunk, GenerationRequest, TokenLogprob
 from backends.errors import BackendFailure, ContextLengthExceeded, ModelLoadError
-from backends.grammar import json_grammar
+from backends.grammar import grammar_for, grammar_sampler
 from backends.text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class LlamaBatchEngine(BatchEngine):
     def admit(self, key: int, request: GenerationRequest) -> Chunk:
         params = request.params
         tokens = self._backend.prompt_tokens(request)
-        grammar = json_grammar(params)
+        grammar = grammar_for(params)
         room = self.context_length - len(tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -256,8 +256,11 @@ class LlamaBatchEngine(BatchEngine):
             self.moves += 1
         self._index_running()
 
-    def _sampler(self, params: Any, grammar: Any) -> Any:
+    def _sampler(self, params: Any, grammar: str | None) -> Any:
         lib = self._lib
+        # First, so that a grammar llama.cpp rejects (a 400) leaves no chain behind.
+        constrain = None if grammar is None else \
+            grammar_sampler(lib, self._backend.vocab, grammar)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
@@ -268,9 +271,8 @@ class LlamaBatchEngine(BatchEngine):
                                                  params.repeat_penalty,
                                                  params.frequency_penalty,
                                                  params.presence_penalty))
-        if grammar is not None:
-            add(lib.llama_sampler_init_grammar(self._backend.vocab, grammar._grammar.encode(),
-                                               grammar._root.encode()))
+        if constrain is not None:
+            add(constrain)
         if params.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
             return chain

@@ -1,0 +1,367 @@
+"""JSON-schema grammars (backends/grammar*.py): every schema gives output that validates, or
+a 400 naming the keyword; what llama.cpp would reject or choke on never reaches it.
+
+Outputs are generated on the tiny GGUF (random weights: only the grammar makes them valid)
+and checked with `jsonschema`. The strategies at the end are shared with the HTTP property
+test (tests/api/test_grammar_http.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import llama_cpp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.base import GenerationParams, GenerationRequest, ModelSpec
+from backends.errors import InvalidRequest
+from backends.grammar import GrammarLimits, grammar_sampler, prepare_grammar, schema_grammar
+from backends.llama import LlamaBackend, LlamaParams
+from tests.conftest import TINY_GGUF
+
+DEFAULTS = GrammarLimits()  # server.max_grammar_repeat and _bytes as shipped
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaBackend]:
+    loaded = LlamaBackend.load(ModelSpec(name="tiny", path=TINY_GGUF,
+                                         params=LlamaParams(n_ctx=2048, n_threads=2)))
+    assert isinstance(loaded, LlamaBackend)
+    yield loaded
+    loaded.close()
+
+
+def validate(value: Any, schema: Any) -> None:
+    """jsonschema's verdict, formats included (time and date-time by hand: jsonschema's
+    checkers of those need a package this project does not install)."""
+    validator = jsonschema.Draft202012Validator
+    validator(schema, format_checker=validator.FORMAT_CHECKER).validate(value)
+    fmt = schema.get("format") if isinstance(schema, dict) else None
+    if fmt in ("time", "date-time"):
+        parse = datetime.time if fmt == "time" else datetime.datetime
+        assert parse.fromisoformat(value).tzinfo is not None, value
+
+
+def generate(backend: LlamaBackend, schema: Any, seed: int,
+             limits: GrammarLimits = DEFAULTS) -> tuple[str, str | None]:
+    """The text and finish reason of a generation constrained by `schema`, its grammar
+    prepared as the server prepares it (written, then parsed by llama.cpp)."""
+    params = prepare_grammar(GenerationParams(max_tokens=600, temperature=1.0, seed=seed,
+                                              json_mode=True, json_schema=schema),
+                             limits, backend.vocab)
+    chunks = list(backend.generate(GenerationRequest(prompt="JSON:", params=params)))
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+def refused(schema: Any, limits: GrammarLimits = DEFAULTS) -> str:
+    with pytest.raises(InvalidRequest) as err:
+        schema_grammar(schema, limits)
+    assert err.value.param == "response_format"
+    return err.value.message
+
+
+# -- the reproductions of issue #22 -------------------------------------------------------
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "maxLength": 1500}, ("schema.maxLength", "1500", "500",
+                                             "server.max_grammar_repeat")),
+    ({"type": "string", "maxLength": 100000}, ("schema.maxLength", "100000")),
+    ({"type": "string", "minLength": 501}, ("schema.minLength", "501")),
+    ({"type": "array", "maxItems": 5000}, ("schema.maxItems", "5000")),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 600}, ("schema.minItems",)),
+    ({"type": "string", "pattern": "a{100000000}"}, ("pattern", "{100000000}", "100000000",
+                                                     "server.max_grammar_repeat")),
+    ({"type": "string", "pattern": "^(\\d{100}){100}$"}, ("pattern", "10000", "x100")),
+    ({"type": "string", "pattern": "^a{99999999999}$"}, ("pattern", "not a valid regular")),
+])
+def test_oversized_repetitions_are_refused(schema: dict[str, Any],
+                                           words: tuple[str, ...]) -> None:
+    message = refused(schema)
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("pattern, sample", [
+    ("^\\d{5}$", "12345"), ("^\\w{1,6}$", "a_1"), ("^a\\sb$", "a b"),
+    ("^\\d{1,4}\\.\\d{2}$", "3.14"), ("^[^\\s@]{1,8}@[^\\s@]{1,8}\\.[a-z]{2,4}$", "x@y.com"),
+    ("^\\D\\W\\S$", "a-b"), ("^\\-?\\d{1,3}(,\\d{3}){0,2}$", "-1,234"),
+    ("^[A-Z]{2}-\\d{4}/[a-f0-9]{2}$", "AB-1234/0f"),
+])
+def test_regex_escapes_are_enforced(backend: LlamaBackend, pattern: str, sample: str) -> None:
+    """The escapes the old converter passed through (llama.cpp rejected them: NULL, then a
+    segfault) now constrain the output."""
+    assert re.search(pattern, sample)  # the pattern means what the test thinks
+    schema = {"type": "string", "pattern": pattern}
+    grammar = schema_grammar(schema, GrammarLimits())
+    assert "\\d" not in grammar and "\\w" not in grammar and "\\s" not in grammar
+    for seed in range(3):
+        text, finish = generate(backend, schema, seed)
+        assert finish == "stop", text
+        validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("pattern, what", [
+    ("(a)\\1", "backreferences"), ("^a(?=b)", "lookahead"), ("(?<!a)b", "lookbehind"),
+    ("\\bword\\b", "word boundaries"), ("(?i)abc", "flags"), ("^a++$", "possessive"),
+    ("^(?>a)$", "atomic"), ("^(a?){3}$", "can match nothing"), ("^(a|)+$", "can match nothing"),
+    ("a^b", "^ or $ inside"), ("[", "not a valid regular expression"),
+    ("^\\ud800$", "surrogate"), ("^[^\\x00-\\U0010ffff]$", "matches no character"),
+])
+def test_unsupported_regex_is_refused_by_name(pattern: str, what: str) -> None:
+    message = refused({"type": "string", "pattern": pattern})
+    assert what in message and "schema.pattern" in message, message
+
+
+# -- keywords: output that validates, or a 400 naming the keyword -------------------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "id"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "id": {"type": "string", "format": "uuid"},
+                         "born": {"type": "string", "format": "date"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "é", "日本", 7]},
+                                  "minItems": 1, "maxItems": 3}}}
+VALID = {
+    "pattern": {"type": "string", "pattern": "^[a-z]{2,4}-\\d{3}$"},
+    "format date": {"type": "string", "format": "date"},
+    "format time": {"type": "string", "format": "time"},
+    "format date-time": {"type": "string", "format": "date-time"},
+    "format uuid": {"type": "string", "format": "uuid"},
+    "$ref/$defs": {"$defs": {"p": PERSON}, "type": "array", "items": {"$ref": "#/$defs/p"},
+                   "maxItems": 2},
+    "recursive $ref": {"$defs": {"n": {"type": "object", "required": ["v", "next"],
+                                       "properties": {"v": {"type": "integer"}, "next": {
+                                           "anyOf": [{"$ref": "#/$defs/n"},
+                                                     {"type": "null"}]}}}},
+                       "$ref": "#/$defs/n"},
+    "anyOf": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3},
+                        {"type": "null"}]},
+    "oneOf of distinct types": {"oneOf": [{"type": "boolean"}, {"type": "null"}]},
+    "const": {"const": {"k": ["ü", 1.5, None, True]}},
+    "enum with unicode": {"enum": ["日本語", "emoji 😀", "quote \" and \\", "tab\t", 3, None]},
+    "prefixItems": {"type": "array", "prefixItems": [{"type": "integer"}, {"const": "x"}],
+                    "items": False, "minItems": 1},
+    "prefixItems then items": {"type": "array", "prefixItems": [{"type": "boolean"}],
+                               "items": {"type": "null"}, "minItems": 3, "maxItems": 4},
+    "minItems": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 5},
+    "minLength": {"type": "string", "minLength": 3, "maxLength": 5},
+    "type list": {"type": ["string", "null"], "maxLength": 2},
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}},
+                         "required": ["a"]},
+                        {"properties": {"b": {"type": "boolean"}}, "required": ["b"]}]},
+    "object": PERSON,
+    "additionalProperties schema": {"type": "object", "properties": {"a": {"type": "null"}},
+                                    "additionalProperties": {"type": "integer"}},
+    "JSON escapes in strings": {"type": "string", "pattern": '^["\\\\\\x00-\\x1f/]{3}$'},
+}
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_output_validates_against_the_schema(backend: LlamaBackend, name: str) -> None:
+    schema = VALID[name]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for seed in range(3):
+        text, finish = generate(backend, schema, seed)
+        assert finish == "stop", (seed, text)
+        validate(json.loads(text), schema)
+
+
+def test_unanchored_pattern_allows_text_around_the_match(backend: LlamaBackend) -> None:
+    """Like re.search: a pattern without $ may be followed by anything, so a random model
+    may run to max_tokens; the text so far is then a string the pattern already matches
+    (closing the quote makes it valid)."""
+    schema = {"type": "string", "pattern": "^\\d{2}[a-f]"}
+    finishes = set()
+    for seed in range(3):
+        text, finish = generate(backend, schema, seed)
+        finishes.add(finish)
+        validate(json.loads(text if finish == "stop" else text.rstrip("\\") + '"'), schema)
+    assert finishes <= {"stop", "length"}
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "integer", "minimum": 3}, ("schema.minimum",)),
+    ({"type": "string", "format": "email"}, ("format 'email'", "date, time")),
+    ({"type": "string", "pattern": "^a$", "maxLength": 3}, ("pattern", "maxLength")),
+    ({"type": "object", "properties": {}, "required": ["a"]}, ("required", "'a'")),
+    ({"type": "array", "items": [{"type": "integer"}]}, ("prefixItems",)),
+    ({"$ref": "https://example.com/s.json"}, ("$ref",)),
+    ({"$ref": "#/$defs/missing"}, ("points to nothing",)),
+    ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+      "$ref": "#/$defs/a"}, ("refers to itself",)),
+    ({"type": "object", "anyOf": [{"required": ["a"]}]}, ("anyOf beside type",)),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, ("allOf",)),
+    ({"enum": [1, 2], "type": "string"}, ("no value of its enum",)),
+    ({"const": float("nan")}, ("NaN",)),
+    ({"type": "text"}, ("schema.type",)),
+    ({"type": "array", "minItems": 3, "maxItems": 2}, ("minItems (3)", "maxItems (2)")),
+    ({"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}, ("minItems",)),
+    ({"type": "string", "maxLength": -1}, ("non-negative",)),
+    ({"properties": {"a": False}, "required": ["a"]}, ("schema.properties.a",)),
+])
+def test_what_cannot_be_enforced_is_refused_by_name(schema: Any,
+                                                    words: tuple[str, ...]) -> None:
+    message = refused(schema)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_schema_depth_and_size_are_bounded() -> None:
+    deep: dict[str, Any] = {"type": "integer"}
+    for _ in range(100):
+        deep = {"type": "array", "items": deep}
+    assert "nests deeper than 64" in refused(deep)
+    chain = {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(40)},
+             "$ref": "#/$defs/d0"}
+    chain["$defs"]["d40"] = {"type": "integer"}
+    assert "counting each $ref" in refused(chain)
+    assert "values" in refused({"enum": list(range(30_000))})
+
+
+def test_grammar_size_is_bounded_by_the_setting() -> None:
+    schema = {"enum": [f"{i:0100d}" for i in range(1000)]}  # ~100 kB of literals
+    message = refused(schema)
+    assert "server.max_grammar_bytes" in message and "65536" in message
+    assert schema_grammar(schema, GrammarLimits(max_bytes=200_000))
+    # repetitions count as llama.cpp expands them, not as written
+    items = {"type": "array", "items": {"type": "string", "maxLength": 400}, "maxItems": 400}
+    assert "server.max_grammar_bytes" in refused(items, GrammarLimits(max_bytes=4096))
+
+
+def test_repeat_limit_is_the_setting() -> None:
+    assert "(10, server.max_grammar_repeat)" in refused(
+        {"type": "string", "maxLength": 11}, GrammarLimits(max_repeat=10))
+    assert schema_grammar({"type": "string", "maxLength": 10}, GrammarLimits(max_repeat=10))
+
+
+def test_a_grammar_llama_cpp_rejects_is_a_400_not_a_crash(backend: LlamaBackend) -> None:
+    """The engine checks llama.cpp's answer for NULL (it used to add it to the chain)."""
+    bad = GenerationParams(max_tokens=4, temperature=1.0, json_mode=True,
+                           grammar='root ::= "\\d"')
+    with pytest.raises(InvalidRequest) as err:
+        list(backend.generate(GenerationRequest(prompt="x", params=bad)))
+    assert err.value.param == "response_format"
+    with pytest.raises(InvalidRequest):  # the same check that runs before admission
+        llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, backend.vocab,
+                                                     'root ::= "\\d"'))
+    text, finish = generate(backend, {"type": "boolean"}, 0)  # the engine still serves
+    assert finish == "stop" and json.loads(text) in (True, False)
+
+
+def test_additional_keys_never_repeat_a_declared_one() -> None:
+    """A JSON parser keeps the last of two equal keys, so an additional member named like
+    a declared property could replace its value: the key grammar excludes those names."""
+    grammar = schema_grammar({"type": "object", "properties": {"ab": {"type": "null"}},
+                              "additionalProperties": {"type": "integer"}}, GrammarLimits())
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
+    quote = '"\\x22"'
+    name = re.search(re.escape(quote) + r" (key-\d+)", grammar)
+    assert name is not None
+    start = rules[name[1]].split(" | ")  # after the opening quote
+    assert start[0] == quote  # "" is a fine additional key
+    assert "a" not in start[1].split("]")[0].replace("\\x", "")  # 'a' goes down the trie:
+    after_a = rules[re.search(r'"a" (key-\d+)', rules[name[1]])[1]]  # type: ignore[index]
+    assert after_a.startswith(quote)  # "a" is fine too
+    after_ab = rules[re.search(r'"b" (key-\d+)', after_a)[1]]  # type: ignore[index]
+    assert not after_ab.startswith(quote)  # "ab" is not: the key must go on
+
+
+# -- strategies (also used by tests/api/test_grammar_http.py) -----------------------------
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=5)
+SCALARS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | TEXT | st.floats(
+    allow_nan=False, allow_infinity=False, width=32)
+#: Pieces of patterns: every escape and class JSON-schema users write, literals a JSON
+#: string must escape, and non-ASCII.
+ATOM_TEXTS = (
+    "\\d", "\\w", "\\s", "\\D", "\\W", "\\S", "\\.", "\\-", "\\/", '"', "\\\\", ".", "[a-z]",
+    "[^a-z]", '[^"\\\\]', "[\\d_-]", "[^\\s\\d]", "[A-F0-9]", "x", "é", "日", "\\u00e9", " ",
+    "-", "/", "\\t", "\\n", "[\\x00-\\x1f]", "\\$",
+)
+ATOMS = st.sampled_from(ATOM_TEXTS)
+QUANTIFIERS = st.sampled_from(["", "", "?", "{2}", "{0,2}", "{1,3}"])
+
+
+def _quantify(part: str, quantifier: str) -> str:
+    """`part` with `quantifier`, grouped unless it is a single atom."""
+    atom = len(part) == 1 or part in ATOM_TEXTS or part.startswith("(") and part.endswith(")")
+    return (part if atom or not quantifier else f"({part})") + quantifier
+
+
+def _regex_parts(parts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    quantified = st.tuples(parts, QUANTIFIERS).map(lambda pq: _quantify(*pq))
+    return st.one_of(
+        st.lists(quantified, min_size=1, max_size=4).map("".join),
+        st.lists(quantified, min_size=2, max_size=3).map(lambda alts: f"({'|'.join(alts)})"),
+    )
+
+
+BOUNDED_PATTERNS = st.recursive(ATOMS, _regex_parts, max_leaves=6).map(lambda p: f"^{p}$")
+
+
+def _leaves() -> st.SearchStrategy[Any]:
+    lengths = st.integers(0, 12).flatmap(lambda hi: st.tuples(st.integers(0, hi), st.just(hi)))
+    return st.one_of(
+        st.sampled_from([{"type": t} for t in ("integer", "number", "boolean", "null")]),
+        lengths.map(lambda b: {"type": "string", "minLength": b[0], "maxLength": b[1]}),
+        BOUNDED_PATTERNS.map(lambda p: {"type": "string", "pattern": p}),
+        st.sampled_from(["date", "time", "date-time", "uuid"]).map(
+            lambda f: {"type": "string", "format": f}),
+        SCALARS.map(lambda v: {"const": v}),
+        st.lists(SCALARS, min_size=1, max_size=4).map(lambda vs: {"enum": vs}),
+    )
+
+
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    def obj(props: dict[str, Any], required: list[bool]) -> dict[str, Any]:
+        names = [n for n, keep in zip(props, required, strict=False) if keep]
+        return {"type": "object", "properties": props, "required": names,
+                "additionalProperties": False}
+
+    counts = st.integers(0, 3).flatmap(lambda hi: st.tuples(st.integers(0, hi), st.just(hi)))
+    return st.one_of(
+        st.builds(obj, st.dictionaries(TEXT, children, max_size=3),
+                  st.lists(st.booleans(), max_size=3)),
+        st.builds(lambda item, c: {"type": "array", "items": item, "minItems": c[0],
+                                   "maxItems": c[1]}, children, counts),
+        st.lists(children, min_size=1, max_size=3).map(
+            lambda items: {"type": "array", "prefixItems": items, "items": False}),
+        st.lists(children, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}),
+    )
+
+
+#: Schemas whose every output is short: bounded strings, arrays and objects only.
+BOUNDED_SCHEMAS = st.recursive(_leaves(), _containers, max_leaves=6).flatmap(
+    lambda s: st.sampled_from([s, {"$defs": {"d": s}, "$ref": "#/$defs/d"}]))
+#: Schemas the server must refuse: oversized bounds, regex it cannot enforce.
+HOSTILE_SCHEMAS = st.one_of(
+    st.integers(501, 10**9).flatmap(lambda n: st.sampled_from([
+        {"type": "string", "maxLength": n}, {"type": "array", "maxItems": n},
+        {"type": "string", "pattern": f"^a{{{n}}}$"},
+        {"type": "string", "pattern": f"^(ab{{2,{n}}})?x$"}])),
+    st.sampled_from(["(a)\\1", "(?=a)", "(?<=a)b", "\\bx", "(?i)x", "(a?)+", "(a*){2}",
+                     "a++", "x{3,2}", "\\p{L}"]).map(lambda p: {"type": "string",
+                                                               "pattern": p}),
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(schema=st.one_of(BOUNDED_SCHEMAS, HOSTILE_SCHEMAS,
+                        st.recursive(ATOMS, _regex_parts, max_leaves=8).map(
+                            lambda p: {"type": "string", "pattern": p + "+"})))
+def test_every_schema_is_a_400_or_a_grammar_llama_cpp_parses(backend: LlamaBackend,
+                                                              schema: Any) -> None:
+    try:
+        params = prepare_grammar(GenerationParams(json_schema=schema), GrammarLimits(),
+                                 backend.vocab)
+    except InvalidRequest as err:
+        assert err.param == "response_format" and err.message.startswith("response_format")
+        return
+    assert params.grammar and len(params.grammar.encode()) <= GrammarLimits().max_bytes
