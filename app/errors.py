@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backends.errors import (
     BackendFailure,
@@ -166,6 +170,19 @@ def spec_for(exc: LLMAPIError) -> ErrorSpec:
     return next(spec for cls, spec in ERROR_TABLE if isinstance(exc, cls))
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong, and what is allowed.")
+    type: str = Field(description="The class of error, e.g. invalid_request_error.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="The error's code, e.g. context_length_exceeded.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response's body (documented in the OpenAPI schema by app.api.docs)."""
+
+    error: ErrorDetail
+
+
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -217,6 +234,26 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     return (f"'{param}': {msg}" if param else msg), param
 
 
+def effective_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The app's routes one by one, with the prefix and dependencies of the router that
+    included them (FastAPI >= 0.160 keeps included routers as one entry of `app.routes`)."""
+    contexts: Callable[[Iterable[Any]], Iterator[Any]] = getattr(
+        fastapi.routing, "iter_route_contexts", iter)
+    return contexts(list(routes))
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own 405 lists only the
+    methods of the first route whose path matched (GET /admin/keys and POST /admin/keys are
+    two routes)."""
+    methods: set[str] = set()
+    for route in effective_routes(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LLMAPIError)
     async def _domain(request: Request, exc: LLMAPIError) -> JSONResponse:
@@ -234,12 +271,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return response_for(InvalidParams("; ".join(messages), param=params[0]))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = {404: "No such route.", 405: "Method not allowed on this route."}.get(
-            exc.status_code, str(exc.detail))
+        message = {404: "No such route."}.get(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on this route; allowed: " \
+                f"{', '.join(allowed)}."
         return JSONResponse(error_body(message, "invalid_request_error", None, kind),
-                            status_code=exc.status_code, headers=exc.headers)
+                            status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from app.json_types import json_type_error
 from backends.base import GenerationParams, GenerationRequest
 
 MAX_STOP_SEQUENCES = 16
@@ -20,7 +21,8 @@ MAX_TEXT_CHARS = 1_000_000
 
 
 class StrictSchema(BaseModel):
-    """Unknown fields are rejected with the list of the allowed ones."""
+    """Unknown fields are rejected with the list of the allowed ones, and a field's value
+    must have a JSON type its schema declares (see `json_type_error`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -33,6 +35,8 @@ class StrictSchema(BaseModel):
             if unknown:
                 raise ValueError(f"unknown parameter(s): {', '.join(unknown)}; allowed: "
                                  f"{', '.join(allowed)}")
+            if (wrong := json_type_error(cls, data)):
+                raise ValueError(wrong)
         return data
 
 
@@ -81,7 +85,9 @@ class GenerateRequest(StrictSchema):
 class EmbeddingsRequest(StrictSchema):
     """Body of /embeddings: one text, or a list of texts."""
 
-    text: str | list[str] = Field(description="A text, or a list of texts.")
+    text: Annotated[str | list[str], WithJsonSchema({"anyOf": [  # `_bounded_texts`'s rule
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]})] \
+        = Field(description="A text, or a list of texts.")
     model: str | None = Field(None, max_length=200)
 
     @model_validator(mode="after")

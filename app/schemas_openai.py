@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
+from app.json_types import MAX_EXACT_INT
 from app.schemas import MAX_TEXT_CHARS, Stops, StrictSchema
 from backends.base import GenerationParams, GenerationRequest
 from backends.errors import InvalidRequest
@@ -42,8 +43,8 @@ class SamplingFields(StrictSchema):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: Stops = Field(None, description="Up to 16 strings; generation ends before the "
                         "first one and it is not returned.")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Same seed + same "
-                             "params → same text (taken modulo 2**32).")
+    seed: int | None = Field(None, ge=-MAX_EXACT_INT, le=MAX_EXACT_INT, description="Same "
+                             "seed + same params → same text (taken modulo 2**32).")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices to generate "
                           f"(1 to {MAX_CHOICES}; one after the other; seed, seed+1, ...).")
     stream: bool | None = Field(False, description="Answer as server-sent events.")
@@ -101,7 +102,10 @@ class ChatMessage(StrictSchema):
     @model_validator(mode="before")
     @classmethod
     def _explain_roles(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("role") in {"tool", "function"}:
+        # Before validation the role may be any JSON value (a list is unhashable): compare
+        # it as a string only when it is one.
+        role = data.get("role") if isinstance(data, dict) else None
+        if isinstance(role, str) and role in {"tool", "function"}:
             raise ValueError("tool and function messages are not supported (no tool calling); "
                              "roles: system, developer, user, assistant")
         return data
@@ -120,6 +124,11 @@ class JsonSchemaFormat(StrictSchema):
 
 
 class ResponseFormat(StrictSchema):
+    # `_schema_given`, as the OpenAPI document says it.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -208,11 +217,21 @@ class CompletionRequest(SamplingFields):
                 for one in self.per_choice(GenerationRequest(prompt=prompt, params=params))]
 
 
+#: `input` as `_input_shape` and `_bounded_input` accept it: nothing empty.
+_EMBEDDING_INPUT = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+    {"type": "array", "minItems": 1,
+     "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]}
+
+
 class EmbeddingRequest(StrictSchema):
     """Body of POST /v1/embeddings."""
 
     model: str = Field(max_length=200, description=MODEL_DOC)
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: Annotated[str | list[str] | list[int] | list[list[int]],
+                     WithJsonSchema(_EMBEDDING_INPUT)] = Field(
         description="A text, a list of texts, token ids, or a list of token-id lists.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Not supported: the model's size.")

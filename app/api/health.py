@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from app.deps import PoolDep
 
 router = APIRouter(tags=["health"])
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    family: str
+    state: str
+    error: str | None
+    capabilities: list[str]
+    context_length: int | None
+    queued: int
+    running: int
+    completed: int
+    cancelled: int
+    tokens_generated: int
+
+
+class Readiness(BaseModel):
+    """/ready's body: 200 when every model is loaded, else 503 with the same body."""
+
+    status: Literal["ready", "not_ready"]
+    models: list[ModelReadiness]
 
 
 @router.get("/check")
@@ -24,7 +46,8 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=Readiness, responses={
+    503: {"model": Readiness, "description": "A model is not loaded (yet, or failed)."}})
 async def ready(pool: PoolDep) -> JSONResponse:
     """200 once every model is loaded, else 503; lists each model's state and load."""
     models: list[dict[str, Any]] = []

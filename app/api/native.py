@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from app import service
+from app.api.docs import GENERATION_ERRORS, MODEL_ERRORS, errors, event_stream
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, as_domain_error, sse_error
@@ -75,7 +76,8 @@ _BODIES = {"requestBody": {"required": True, "content": {"application/json": {"s
     "oneOf": [{"$ref": "#/components/schemas/GenerateRequest"}, _queue_body_schema()]}}}}}
 
 
-@router.post("/generate", openapi_extra=_BODIES, response_model=str | QueueAnswer)
+@router.post("/generate", openapi_extra=_BODIES, response_model=str | QueueAnswer,
+             responses=errors(*GENERATION_ERRORS))
 async def generate(body: GenerateBody, request: Request, response: Response,
                    pool: PoolDep, meter: MeterDep) -> Any:
     """Complete `prompt` and return the completion as a JSON string; the queue-style body
@@ -87,7 +89,7 @@ async def generate(body: GenerateBody, request: Request, response: Response,
     return text
 
 
-@router.post("/chat_completion")
+@router.post("/chat_completion", responses=errors(*GENERATION_ERRORS))
 async def chat_completion(body: QueueChatRequest, request: Request, response: Response,
                           pool: PoolDep, meter: MeterDep) -> QueueAnswer:
     """Queue-style chat: `{job_id, meta, messages}` → `{"content": ...}`."""
@@ -112,7 +114,8 @@ async def _run_job(job: QueueJob, generation: GenerationRequest, request: Reques
     return QueueAnswer(content=text)
 
 
-@router.post("/agenerate", response_class=EventStream)
+@router.post("/agenerate", response_class=EventStream, responses={
+    **event_stream("One `data:` event per piece of text."), **errors(*GENERATION_ERRORS)})
 async def agenerate(body: GenerateRequest, pool: PoolDep, settings: SettingsDep,
                     meter: MeterDep) -> EventStream:
     """Stream the completion as server-sent events: one `data:` event per piece of text.
@@ -135,7 +138,7 @@ async def _pieces(stream: JobStream) -> AsyncIterator[bytes | dict[str, str]]:
         stream.close()
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=errors(*GENERATION_ERRORS))
 async def embeddings(body: EmbeddingsRequest, pool: PoolDep, settings: SettingsDep,
                      meter: MeterDep) -> list[float] | list[list[float]]:
     """Embed one text (→ one vector) or a list of texts (→ one vector per text)."""
@@ -148,7 +151,7 @@ async def embeddings(body: EmbeddingsRequest, pool: PoolDep, settings: SettingsD
     return vectors[0] if isinstance(body.text, str) else vectors
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=errors(400, *MODEL_ERRORS, 500))
 async def tokenize(body: TokenizeRequest, pool: PoolDep, meter: MeterDep) -> TokenizeAnswer:
     """Token ids of `text`, or of `messages` as the model's chat template renders them."""
     scheduler = pool.get(body.model)
@@ -157,7 +160,7 @@ async def tokenize(body: TokenizeRequest, pool: PoolDep, meter: MeterDep) -> Tok
     return TokenizeAnswer(tokens=ids, count=len(ids), model=scheduler.name)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=errors(400, *MODEL_ERRORS, 500))
 async def detokenize(body: DetokenizeRequest, pool: PoolDep,
                      meter: MeterDep) -> DetokenizeAnswer:
     """The text of token ids."""

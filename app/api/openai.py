@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app import service
+from app.api.docs import GENERATION_ERRORS, errors, event_stream
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import InvalidParams, ModelNotFound, as_domain_error, sse_error_data
@@ -49,7 +50,9 @@ _json_string = json.JSONEncoder(ensure_ascii=False).encode  # built once: per to
 Choices = AsyncIterator[tuple[int, JobStream]]
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses={
+    **event_stream("With `stream: true`: `chat.completion.chunk` events, then `[DONE]`."),
+    **errors(*GENERATION_ERRORS)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, pool: PoolDep,
                            settings: SettingsDep,
                            meter: MeterDep) -> ChatCompletion | EventStream:
@@ -73,7 +76,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
         for i, r in enumerate(results)])
 
 
-@router.post("/completions", response_model=Completion)
+@router.post("/completions", response_model=Completion, responses={
+    **event_stream("With `stream: true`: `text_completion` events, then `[DONE]`."),
+    **errors(*GENERATION_ERRORS)})
 async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
                       settings: SettingsDep, meter: MeterDep) -> Completion | EventStream:
     """Text completion of `prompt` (a text or a list: `n` choices each, in order)."""
@@ -93,7 +98,7 @@ async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
         for i, r in enumerate(results)])
 
 
-@router.post("/embeddings", response_model=EmbeddingList)
+@router.post("/embeddings", response_model=EmbeddingList, responses=errors(*GENERATION_ERRORS))
 async def embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep,
                      meter: MeterDep) -> EmbeddingList:
     """Embed a text, a list of texts, token ids or a list of token-id lists."""
@@ -117,7 +122,7 @@ async def list_models(request: Request, pool: PoolDep, meter: MeterDep) -> Model
                            if meter.may_use(name)])
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=errors(403, 404))
 async def retrieve_model(model: str, request: Request, pool: PoolDep,
                          meter: MeterDep) -> ModelCard:
     """One model; 404 `model_not_found` for a name that is not served or that the key may

@@ -5,9 +5,17 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from app.auth.keys import utc
+from app.json_types import MAX_EXACT_INT
 from app.schemas import StrictSchema
 
 Role = Literal["user", "admin"]
@@ -36,12 +44,12 @@ class KeyLimits(StrictSchema):
     role: Role = Field("user", description="user, or admin (manages keys, sees all usage).")
     valid_from: When = Field(None, description="UTC; a date means its start.")
     expires_at: When = Field(None, description="UTC; a date means its end.")
-    max_requests: int | None = Field(None, ge=0, le=2**62, description="Lifetime requests; "
+    max_requests: int | None = Field(None, ge=0, le=MAX_EXACT_INT, description="Lifetime requests; "
                                      "empty = unlimited.")
-    max_tokens: int | None = Field(None, ge=0, le=2**62, description="Lifetime prompt + "
+    max_tokens: int | None = Field(None, ge=0, le=MAX_EXACT_INT, description="Lifetime prompt + "
                                    "completion tokens; empty = unlimited.")
-    rpm: int | None = Field(None, ge=1, le=2**62, description="Requests per minute.")
-    tpm: int | None = Field(None, ge=1, le=2**62, description="Tokens per minute.")
+    rpm: int | None = Field(None, ge=1, le=MAX_EXACT_INT, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, le=MAX_EXACT_INT, description="Tokens per minute.")
     max_parallel: int | None = Field(None, ge=1, le=100_000, description="Concurrent requests.")
     allowed_models: list[ModelName] = Field(default_factory=list, max_length=1000,
                                       description="Models this key may use; empty = all.")
@@ -61,16 +69,20 @@ class KeyCreate(KeyLimits):
 class KeyUpdate(StrictSchema):
     """Body of PATCH /admin/keys/{id}: only the fields sent change; null clears a limit."""
 
-    name: str | None = Field(None, min_length=1, max_length=200)
+    # name and role may be left out, not cleared: the document says they are never null.
+    name: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": 200})] = Field(None, min_length=1,
+                                                                       max_length=200)
     email: str | None = Field(None, max_length=320)
     organisation: str | None = Field(None, max_length=200)
-    role: Role | None = None
+    role: Annotated[Role | None, WithJsonSchema({"enum": ["user", "admin"],
+                                                 "type": "string"})] = None
     valid_from: When = None
     expires_at: When = None
-    max_requests: int | None = Field(None, ge=0, le=2**62)
-    max_tokens: int | None = Field(None, ge=0, le=2**62)
-    rpm: int | None = Field(None, ge=1, le=2**62)
-    tpm: int | None = Field(None, ge=1, le=2**62)
+    max_requests: int | None = Field(None, ge=0, le=MAX_EXACT_INT)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_EXACT_INT)
+    rpm: int | None = Field(None, ge=1, le=MAX_EXACT_INT)
+    tpm: int | None = Field(None, ge=1, le=MAX_EXACT_INT)
     max_parallel: int | None = Field(None, ge=1, le=100_000)
     allowed_models: list[ModelName] | None = Field(None, max_length=1000)
 
