@@ -1,0 +1,1 @@
+"""Configuration and hooks of the schemathesis run (tests/api/test_schemathesis.py)."""
