@@ -20,19 +20,11 @@ from typing import Any
 from backends.base import GenerationParams
 from backends.errors import InvalidRequest
 from backends.grammar_gbnf import GrammarLimits, Rules, refuse
-from backends.grammar_schema import SchemaGrammar
+from backends.grammar_schema import UNENFORCED, SchemaGrammar
 
 __all__ = ["GrammarLimits", "grammar_for", "grammar_sampler", "prepare_grammar",
            "schema_grammar", "unenforced_keywords"]
 
-UNENFORCED = frozenset({
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "uniqueItems", "contains", "minContains", "maxContains", "minProperties",
-    "maxProperties", "patternProperties", "propertyNames", "dependentRequired",
-    "dependentSchemas", "not", "if", "then", "else", "unevaluatedItems",
-    "unevaluatedProperties", "dependencies", "additionalItems", "$dynamicRef",
-    "$recursiveRef",
-})
 SUPPORTED = ("type, properties, required, additionalProperties, enum, const, items, "
              "prefixItems, minItems, maxItems, minLength, maxLength, pattern, format, $ref, "
              "$defs, anyOf, oneOf (read as anyOf), allOf")
@@ -78,12 +70,13 @@ def schema_grammar(schema: Any, limits: GrammarLimits) -> str:
     """The GBNF of values matching `schema`; InvalidRequest naming what cannot be done."""
     _check_size(schema)
     if found := list(unenforced_keywords(schema)):
-        raise InvalidRequest(
-            f"response_format.json_schema uses keywords constrained decoding cannot "
-            f"enforce: {', '.join(found[:10])}. Supported: {SUPPORTED}.",
-            param="response_format")
+        raise refuse(f"uses keywords constrained decoding cannot enforce: "
+                     f"{', '.join(found[:10])}. Supported: {SUPPORTED}.")
     rules = Rules(limits)
-    return rules.grammar(SchemaGrammar(schema, rules).root())
+    try:
+        return rules.grammar(SchemaGrammar(schema, rules).root())
+    except RecursionError:  # the depth bounds should come first; this is the backstop
+        raise refuse("the schema nests too deeply.") from None
 
 
 def _json_object_grammar(limits: GrammarLimits) -> str:

@@ -69,7 +69,11 @@ class GrammarLimits:
 
 
 def refuse(message: str) -> InvalidRequest:
-    return InvalidRequest(f"response_format.json_schema: {message}", param="response_format")
+    """The 400 for a schema; the message quotes parts of it, where a lone surrogate (valid
+    in a JSON string, not in UTF-8) is written as its escape."""
+    text = f"response_format.json_schema: {message}"
+    return InvalidRequest(text.encode("utf-8", "backslashreplace").decode("utf-8"),
+                          param="response_format")
 
 
 def json_text(cp: int) -> str:

@@ -34,11 +34,20 @@ _TYPE_KEYWORDS = {
     "array": ("items", "prefixItems", "minItems", "maxItems"),
     "object": ("properties", "required", "additionalProperties"),
 }
+#: Keywords that constrain values but that a grammar does not enforce.
+UNENFORCED = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "uniqueItems", "contains", "minContains", "maxContains", "minProperties",
+    "maxProperties", "patternProperties", "propertyNames", "dependentRequired",
+    "dependentSchemas", "not", "if", "then", "else", "unevaluatedItems",
+    "unevaluatedProperties", "dependencies", "additionalItems", "$dynamicRef",
+    "$recursiveRef",
+})
 #: Every keyword that constrains a value (the rest are annotations: title, description...).
-CONSTRAINING = frozenset({
+CONSTRAINING = UNENFORCED | {
     "type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf", *_TYPE_KEYWORDS["string"],
     *_TYPE_KEYWORDS["array"], *_TYPE_KEYWORDS["object"],
-})
+}
 _JSON_TYPES = {bool: "boolean", str: "string", type(None): "null", list: "array",
                dict: "object"}
 
@@ -76,6 +85,9 @@ class SchemaGrammar:
                          f"{json.dumps(schema)[:40]}.")
         if schema is True or not set(schema) & CONSTRAINING:  # only annotations
             return self.rules.primitive("value")
+        if unenforced := sorted(set(schema) & UNENFORCED):  # reached through a $ref
+            raise refuse(f"{where} uses {', '.join(unenforced)}, which constrained decoding "
+                         "cannot enforce.")
         if "$ref" in schema:
             return self._ref(schema, where, depth)
         if "anyOf" in schema or "oneOf" in schema:
@@ -265,7 +277,7 @@ class SchemaGrammar:
         self._bare.append(set())
         try:
             pairs = {name: self._pair(literal(json.dumps(name)), sub,
-                                      f"{where}.properties.{name}", depth)
+                                      f"{where}.properties.{name[:40]}", depth)
                      for name, sub in properties.items()}
             more = None if extra in (None, False) else self._pair(
                 self._other_key(list(properties)), extra, f"{where}.additionalProperties",
@@ -300,7 +312,7 @@ class SchemaGrammar:
         firsts = [f"{kv} {follow[i + 1]}" for i, kv in enumerate(optional)]
         if more is not None:
             firsts.append(f"{more} {follow[len(optional)]}")
-        return "( " + " | ".join(firsts) + " )?"
+        return "( " + " | ".join(firsts) + " )?" if firsts else '""'
 
     def _other_key(self, names: list[str]) -> str:
         """A quoted key that is none of `names`, so that an additional member can never

@@ -152,6 +152,17 @@ def test_a_streamed_request_is_refused_before_the_stream(server: Server) -> None
     server.assert_alive()
 
 
+def test_a_lone_surrogate_in_the_schema_is_quoted_escaped(server: Server) -> None:
+    """JSON may hold "\\ud800" (UTF-8 cannot): the 400 that quotes it must still encode."""
+    body = ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            '"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+            '"schema": {"properties": {"\\ud800": {"minimum": 1}}}}}}')
+    response = server.client.post("/v1/chat/completions", content=body,
+                                  headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request", ("properties.\\ud800.minimum",))
+    server.assert_alive()
+
+
 CASES = 120  # examples of the property test (about 20 s on 2 busy cores)
 
 

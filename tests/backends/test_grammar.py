@@ -64,6 +64,7 @@ def refused(schema: Any, limits: GrammarLimits = DEFAULTS) -> str:
     with pytest.raises(InvalidRequest) as err:
         schema_grammar(schema, limits)
     assert err.value.param == "response_format"
+    err.value.message.encode("utf-8")  # a response can carry it (no lone surrogate)
     return err.value.message
 
 
@@ -156,6 +157,7 @@ VALID = {
                          "required": ["a"]},
                         {"properties": {"b": {"type": "boolean"}}, "required": ["b"]}]},
     "object": PERSON,
+    "empty object": {"type": "object", "additionalProperties": False},
     "additionalProperties schema": {"type": "object", "properties": {"a": {"type": "null"}},
                                     "additionalProperties": {"type": "integer"}},
     "JSON escapes in strings": {"type": "string", "pattern": '^["\\\\\\x00-\\x1f/]{3}$'},
@@ -187,6 +189,9 @@ def test_unanchored_pattern_allows_text_around_the_match(backend: LlamaBackend) 
 
 @pytest.mark.parametrize("schema, words", [
     ({"type": "integer", "minimum": 3}, ("schema.minimum",)),
+    ({"x": {"maximum": 3}, "$ref": "#/x"}, ("schema(#/x) uses maximum",)),
+    ({"properties": {"\ud800": {"minimum": 1}}}, ("properties.\\ud800.minimum",)),
+    ({"allOf": [{"$ref": "#/x"}, {}], "x": {"minProperties": 1}}, ("allOf[0]",)),
     ({"type": "string", "format": "email"}, ("format 'email'", "date, time")),
     ({"type": "string", "pattern": "^a$", "maxLength": 3}, ("pattern", "maxLength")),
     ({"type": "object", "properties": {}, "required": ["a"]}, ("required", "'a'")),
