@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -174,6 +176,13 @@ class JobStream:
         self._job.disarm()
 
 
+def _yield_cpu() -> None:
+    """Lower the calling thread's priority (a tokenizer thread): when the CPU is short, the
+    engine's decode threads get it first, and tokenizing waits."""
+    with contextlib.suppress(AttributeError, OSError):  # Linux sets a nice value per thread
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class ModelScheduler:
     """Owns one model's backend and the single thread that may touch it."""
 
@@ -200,7 +209,8 @@ class ModelScheduler:
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
         # One worker: requests tokenize one after another, on at most one core per model.
-        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}",
+                                             initializer=_yield_cpu)
 
     # -- lifecycle -------------------------------------------------------------------------
 
