@@ -12,6 +12,7 @@ bound. Routers use `JSONBodyRoute`, whose requests parse with it; FastAPI turns 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,10 @@ from fastapi.routing import APIRoute
 #: Arrays and objects nested in one another, the body itself being level 1. Real bodies,
 #: tool and JSON schemas included, stay far below (a schema ten objects deep is ~25 levels).
 MAX_JSON_DEPTH = 128
+#: A \\uD800-\\uDFFF escape: json.loads joins a valid pair into one character and keeps a
+#: lone one as a surrogate, which no UTF-8 encoder (tokenizers, the database, our own error
+#: messages) accepts. Bodies with none of these escapes (nearly all) skip the walk below.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class BodyNotJSON(json.JSONDecodeError):
@@ -55,6 +60,9 @@ def parse_body(body: bytes) -> Any:
                           "send fewer") from None
     if _deeper_than(value, MAX_JSON_DEPTH):
         raise _too_deep()
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise BodyNotJSON("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                          "without its pair), which is not a character; send valid Unicode")
     return value
 
 
@@ -93,6 +101,25 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return False
         level = deeper
     return True
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string (or key) anywhere in `value` holds an unpaired surrogate."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        strings: list[Any] = [item] if type(item) is str else []
+        if type(item) is dict:
+            strings += item.keys()
+            todo += item.values()
+        elif type(item) is list:
+            todo += item
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 class BoundedJSONRequest(Request):

@@ -109,7 +109,19 @@ UNPARSABLE = {
     "huge integer": (b'{"n": ' + b"9" * 5000 + b"}", ("digits",)),
     "truncated": (b'{"prompt": "a', ("line 1",)),
     "empty object key oddity": (b'{"": 1, "": 2}', ("twice",)),
+    # lone surrogates: valid JSON escapes, but no tokenizer, database or UTF-8 response takes them
+    "lone surrogate in a value": (b'{"prompt": "a\\ud800b"}', ("surrogate",)),
+    "lone surrogate in a key": (b'{"\\udfff": 1}', ("surrogate",)),
+    "lone surrogate deep": (b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+                            ("surrogate",)),
 }
+
+
+def test_paired_surrogate_escapes_are_characters(server: LiveServer) -> None:
+    response = server.client.post("/tokenize", content=b'{"text": "\\ud83d\\ude00"}',
+                                  headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["count"] > 0
 
 
 @pytest.mark.parametrize("case", list(UNPARSABLE))
