@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -83,14 +84,21 @@ class ModelPool:
         for scheduler in self.schedulers.values():
             scheduler.stop()
 
-    def get(self, name: str | None) -> ModelScheduler:
+    def get(self, name: str | None,
+            may_use: Callable[[str], bool] = lambda _: True) -> ModelScheduler:
+        """The scheduler of model `name` (the first model when None); `may_use` says which
+        names the caller may see in the 404's list (a restricted key sees only its own)."""
         if name is None:
             return next(iter(self.schedulers.values()))
         try:
             return self.schedulers[name]
         except KeyError:
-            raise ModelNotFound(f"Model '{name}' is not served here; available: "
-                                f"{', '.join(self.schedulers)}.", param="model") from None
+            raise self.not_found(name, may_use) from None
+
+    def not_found(self, name: str, may_use: Callable[[str], bool]) -> ModelNotFound:
+        usable = [served for served in self.schedulers if may_use(served)]
+        return ModelNotFound(f"Model '{name}' is not available here; available: "
+                             f"{', '.join(usable) or 'none to this key'}.", param="model")
 
     def all_ready(self) -> bool:
         return all(s.state == "ready" for s in self.schedulers.values())

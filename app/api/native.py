@@ -84,7 +84,8 @@ async def generate(body: GenerateBody, request: Request, response: Response,
     `{job_id, meta, content}` gets `{"content": ...}`."""
     if isinstance(body, QueueGenerateRequest):
         return await _run_job(body, body.to_request(), request, response, pool, meter)
-    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
+    scheduler = pool.get(body.model, meter.may_use)
+    stream = await service.start_generation(scheduler, body.to_request(), meter)
     text, _ = await service.unless_disconnected(request, stream, service.collect(stream))
     return text
 
@@ -99,7 +100,7 @@ async def chat_completion(body: QueueChatRequest, request: Request, response: Re
 async def _run_job(job: QueueJob, generation: GenerationRequest, request: Request,
                    response: Response, pool: PoolDep, meter: MeterDep) -> QueueAnswer:
     request.state.request_id = response.headers["X-Request-ID"] = job.job_id
-    scheduler = pool.get(job.meta.model)
+    scheduler = pool.get(job.meta.model, meter.may_use)
     log.info("job %s (source %r, priority %s) on model %s", job.job_id, job.source,
              job.priority, scheduler.name)
     stream, clamped = await service.start_clamped(scheduler, generation, meter)
@@ -123,7 +124,8 @@ async def agenerate(body: GenerateRequest, pool: PoolDep, settings: SettingsDep,
     Keep-alives are SSE comments; the stream ends by closing; a failure after the stream
     began arrives as an `event: error` frame carrying the JSON error body.
     """
-    stream = await service.start_generation(pool.get(body.model), body.to_request(), meter)
+    scheduler = pool.get(body.model, meter.may_use)
+    stream = await service.start_generation(scheduler, body.to_request(), meter)
     return EventStream(_pieces(stream), ping=settings.server.sse_ping_seconds)
 
 
@@ -147,14 +149,14 @@ async def embeddings(body: EmbeddingsRequest, pool: PoolDep, settings: SettingsD
     if len(texts) > limit:
         raise InvalidParams(f"'text' holds {len(texts)} texts; at most {limit} per request.",
                             param="text")
-    vectors = await service.embed(pool.get(body.model), texts, meter)
+    vectors = await service.embed(pool.get(body.model, meter.may_use), texts, meter)
     return vectors[0] if isinstance(body.text, str) else vectors
 
 
 @router.post("/tokenize", responses=errors(400, *MODEL_ERRORS, 500))
 async def tokenize(body: TokenizeRequest, pool: PoolDep, meter: MeterDep) -> TokenizeAnswer:
     """Token ids of `text`, or of `messages` as the model's chat template renders them."""
-    scheduler = pool.get(body.model)
+    scheduler = pool.get(body.model, meter.may_use)
     meter.allow(scheduler.name)
     ids = await service.tokenize(scheduler, body.text, body.message_dicts(), body.add_special)
     return TokenizeAnswer(tokens=ids, count=len(ids), model=scheduler.name)
@@ -164,7 +166,7 @@ async def tokenize(body: TokenizeRequest, pool: PoolDep, meter: MeterDep) -> Tok
 async def detokenize(body: DetokenizeRequest, pool: PoolDep,
                      meter: MeterDep) -> DetokenizeAnswer:
     """The text of token ids."""
-    scheduler = pool.get(body.model)
+    scheduler = pool.get(body.model, meter.may_use)
     meter.allow(scheduler.name)
     return DetokenizeAnswer(text=await service.detokenize(scheduler, body.tokens),
                             model=scheduler.name)

@@ -15,7 +15,7 @@ from app import service
 from app.api.docs import GENERATION_ERRORS, errors, event_stream
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
-from app.errors import InvalidParams, ModelNotFound, as_domain_error, sse_error_data
+from app.errors import InvalidParams, as_domain_error, sse_error_data
 from app.json_body import JSONBodyRoute
 from app.pool import ModelPool
 from app.responses_openai import (
@@ -58,7 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
                            meter: MeterDep) -> ChatCompletion | EventStream:
     """Chat completion; with `"stream": true`, `chat.completion.chunk` server-sent events
     ending with `data: [DONE]`."""
-    scheduler = pool.get(body.model)
+    scheduler = pool.get(body.model, meter.may_use)
     requests = body.to_requests()
     if body.user:
         log.info("chat completion for user %r on %s", body.user, body.model)
@@ -82,7 +82,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
 async def completions(body: CompletionRequest, request: Request, pool: PoolDep,
                       settings: SettingsDep, meter: MeterDep) -> Completion | EventStream:
     """Text completion of `prompt` (a text or a list: `n` choices each, in order)."""
-    scheduler = pool.get(body.model)
+    scheduler = pool.get(body.model, meter.may_use)
     requests = body.to_requests()
     if body.stream:
         choices = await service.stream_choices(scheduler, requests, meter)
@@ -108,7 +108,8 @@ async def embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDe
     if len(inputs) > limit:
         raise InvalidParams(f"'input' holds {len(inputs)} items; at most {limit} per request "
                             "(server.max_embedding_inputs).", param="input")
-    vectors, tokens = await service.embed_inputs(pool.get(body.model), inputs, meter)
+    scheduler = pool.get(body.model, meter.may_use)
+    vectors, tokens = await service.embed_inputs(scheduler, inputs, meter)
     return EmbeddingList(model=body.model,
                          data=[Embedding.of(i, v, body.encoding_format)
                                for i, v in enumerate(vectors)],
@@ -128,9 +129,7 @@ async def retrieve_model(model: str, request: Request, pool: PoolDep,
     """One model; 404 `model_not_found` for a name that is not served or that the key may
     not use (the message lists only the models the key may use)."""
     if model not in pool.schedulers or not meter.may_use(model):
-        usable = [name for name in pool.schedulers if meter.may_use(name)]
-        raise ModelNotFound(f"Model '{model}' is not available to this key; available: "
-                            f"{', '.join(usable) or 'none'}.", param="model")
+        raise pool.not_found(model, meter.may_use)
     return _card(request, pool, model)
 
 

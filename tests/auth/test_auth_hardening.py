@@ -344,6 +344,13 @@ def test_models_routes_show_only_allowed_models(servers: list[LiveServer],
     everything = assert_error(client.get("/v1/models/nope", headers=ADMIN), 404,
                               "model_not_found")
     assert "tiny" in everything["message"] and "rev" in everything["message"]
+    # the work routes' 404 for an unknown model lists only what the key may use, too
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+                       ("/v1/completions", {"prompt": "a"}), ("/generate", {"prompt": "a"}),
+                       ("/tokenize", {"text": "a"}), ("/v1/embeddings", {"input": "a"})):
+        error = assert_error(client.post(path, json={**body, "model": "nope"},
+                                         headers=bearer(restricted)), 404, "model_not_found")
+        assert error["message"].endswith("available: rev."), (path, error)
 
 
 # -- finding 11b: the store's files are private ---------------------------------------------
