@@ -234,6 +234,20 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     return (f"'{param}': {msg}" if param else msg), param
 
 
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+
+
+def _not_an_object(request: Request) -> str:
+    """The body is not a JSON object: often `curl -d` without a JSON Content-Type, whose
+    body FastAPI does not parse at all, so say which Content-Type arrived."""
+    sent = request.headers.get("content-type", "")
+    if "json" in sent.lower():
+        return "The request body must be a JSON object ({...})."
+    how = f"was sent as '{sent[:100]}'" if sent else "had no Content-Type header"
+    return (f"The request body must be a JSON object sent with 'Content-Type: "
+            f"application/json'; this one {how}.")
+
+
 def effective_routes(routes: Iterable[Any]) -> Iterator[Any]:
     """The app's routes one by one, with the prefix and dependencies of the router that
     included them (FastAPI >= 0.160 keeps included routers as one entry of `app.routes`)."""
@@ -266,8 +280,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        messages, params = zip(*(_validation_message(e) for e in exc.errors()), strict=True)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(tuple(e.get("loc", ())) in ((), ("body",)) and e.get("type") in _NOT_AN_OBJECT
+               for e in errors):
+            return response_for(InvalidParams(_not_an_object(request)))
+        messages, params = zip(*(_validation_message(e) for e in errors), strict=True)
         return response_for(InvalidParams("; ".join(messages), param=params[0]))
 
     @app.exception_handler(StarletteHTTPException)

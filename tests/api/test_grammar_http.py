@@ -152,14 +152,14 @@ def test_a_streamed_request_is_refused_before_the_stream(server: Server) -> None
     server.assert_alive()
 
 
-def test_a_lone_surrogate_in_the_schema_is_quoted_escaped(server: Server) -> None:
-    """JSON may hold "\\ud800" (UTF-8 cannot): the 400 that quotes it must still encode."""
+def test_a_lone_surrogate_in_the_schema_is_refused_at_the_door(server: Server) -> None:
+    """JSON may hold "\\ud800" (UTF-8 cannot): the body is refused before any schema work."""
     body = ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
             '"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
             '"schema": {"properties": {"\\ud800": {"minimum": 1}}}}}}')
     response = server.client.post("/v1/chat/completions", content=body,
                                   headers={"content-type": "application/json"})
-    assert_error(response, 400, "invalid_request", ("properties.\\ud800.minimum",))
+    assert_error(response, 422, "invalid_parameter", ("surrogate",))
     server.assert_alive()
 
 

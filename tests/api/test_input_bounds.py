@@ -146,8 +146,19 @@ def test_a_body_that_is_not_an_object_is_a_client_error(server: LiveServer, fail
         if body == "null" and path.endswith("/revoke"):  # no body: revoke without a reason
             assert_error(response, 404, "key_not_found")
             continue
-        assert_error(response, 422, "invalid_parameter")
+        assert_error(response, 422, "invalid_parameter", mentions=("must be a JSON object",))
     assert not failures.records, [r.getMessage() for r in failures.records]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_without_a_json_content_type_is_told_so(server: LiveServer,
+                                                       content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/admin/keys"):
+        response = server.client.post(path, content=b'{"prompt": "a"}', headers=headers)
+        error = assert_error(response, 422, "invalid_parameter",
+                             mentions=("Content-Type: application/json",))
+        assert (content_type or "no Content-Type") in error["message"], error
 
 
 def nested(depth: int) -> Any:
