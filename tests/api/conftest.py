@@ -47,8 +47,3 @@ def client(v1: LiveServer) -> Iterator[OpenAI]:
 def async_client(v1: LiveServer) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"{v1.url}/v1", api_key="unused", max_retries=0)
 
-
-def capabilities(server: LiveServer, model: str) -> set[str]:
-    """What /v1/models says the model can do (tests of optional features branch on it)."""
-    card = server.client.get(f"/v1/models/{model}").json()
-    return set(card["capabilities"])
