@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from typing import Any
 
 from backends.grammar_gbnf import (
@@ -32,6 +33,11 @@ from backends.grammar_gbnf import (
 
 _parser: Any = importlib.import_module("re._parser")  # no stub: typeshed lacks it
 _c: Any = importlib.import_module("re._constants")
+# re's parser warns (FutureWarning) of "[[", "--", "&&" and "~~" in a class, once per
+# position: a request's pattern must not write thousands of lines to the server log.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message="Possible (nested set|set difference|set intersection|"
+                        "set symmetric difference) at position")
 
 MAX_PATTERN_DEPTH = 32  # nested groups and repetitions in one pattern
 _ASCII = [(0, 0x7F)]
@@ -62,7 +68,8 @@ def pattern_grammar(pattern: str, rules: Rules, where: str) -> str:
     """A GBNF expression for the contents of a JSON string whose text `pattern` matches."""
     try:
         parsed = _parser.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        # ValueError: a {m,n} count of more than 4300 digits (int()'s limit)
         raise refuse(f"{where} is not a valid regular expression ({exc}).") from None
     if parsed.state.flags & ~_c.SRE_FLAG_UNICODE:
         raise refuse(f"{where} sets flags ((?i), (?m), ...), which constrained output cannot "

@@ -10,12 +10,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from app import service
 from app.api.docs import GENERATION_ERRORS, MODEL_ERRORS, errors, event_stream
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
-from app.errors import InvalidParams, as_domain_error, sse_error
+from app.errors import ClientDisconnected, InvalidParams, as_domain_error, sse_error
 from app.json_body import BodyNotJSON, JSONBodyRoute, parse_body
 from app.scheduler import JobStream
 from app.schemas import EmbeddingsRequest, GenerateRequest
@@ -52,6 +53,9 @@ async def generate_body(request: Request) -> GenerateRequest | QueueGenerateRequ
     """The classic body, or the queue-style one when it has job_id/meta/content."""
     try:
         data = parse_body(await request.body())
+    except ClientDisconnect:  # the client left before its body arrived: a 499, not a 500
+        raise ClientDisconnected("The client closed the connection before sending its "
+                                 "body.") from None
     except BodyNotJSON as exc:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
                                        "msg": "JSON decode error",
