@@ -110,6 +110,20 @@ class ServerSettings(BaseModel):
                                      "send a request body; slower bodies get 408.")
     max_body_reads: int = Field(64, ge=1, le=100_000, description="Request bodies read at "
                                 "once (after authentication); more wait their turn.")
+    max_body_reads_per_key: int = Field(8, ge=1, le=100_000, description="Request bodies "
+                                        "one key may have read at once; its others wait "
+                                        "(within server.body_read_timeout).")
+    max_header_bytes: int = Field(65_536, ge=4096, le=16_777_216, description="Largest "
+                                  "request line + headers accepted; larger get 431 and the "
+                                  "connection closes.")
+    header_read_timeout: float = Field(10.0, gt=0, description="Seconds a client may take "
+                                       "to send a request's headers; slower connections are "
+                                       "closed.")
+    forwarded_allow_ips: str | None = Field(None, description="Proxies trusted to set "
+                                            "X-Forwarded-For/-Proto (comma-separated "
+                                            "addresses or '*'), e.g. '127.0.0.1' behind a "
+                                            "local nginx; default: none, the socket peer is "
+                                            "the client.")
     max_prompt_chars_per_token: int = Field(8, ge=1, le=1000, description="A prompt may hold "
                                             "at most this many characters per token of the "
                                             "model's context; longer ones get 400 before any "
