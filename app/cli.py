@@ -60,6 +60,7 @@ def serve(config: ConfigOption = None,
     """Download (if needed), load and serve the configured models."""
     import uvicorn
 
+    from app.http import server_config
     from app.main import create_app
 
     settings = _settings(config)
@@ -76,11 +77,7 @@ def serve(config: ConfigOption = None,
         server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.server.host,
-                                           port=settings.server.port,
-                                           log_level=settings.server.log_level,
-                                           timeout_graceful_shutdown=int(
-                                               settings.server.graceful_shutdown_seconds)))
+    server = uvicorn.Server(server_config(app, settings.server))
     _stop_on_signals(server)
     server.run()
     if failed:

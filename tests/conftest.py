@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 import yaml
 
+from app.http import server_config
 from app.main import create_app
 from app.settings import SettingsError, load_settings
 
@@ -61,11 +62,14 @@ class LiveServer:
         config = without_auth(config, directory)
         self.config_path = directory / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.app = create_app(load_settings(self.config_path))
+        settings = load_settings(self.config_path)
+        self.app = create_app(settings)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        # the production server's configuration (bounded request heads, no trusted proxy)
+        self._server = uvicorn.Server(server_config(self.app, settings.server,
+                                                    log_level="warning"))
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self._sock]}, daemon=True)
         self.client = httpx.Client(base_url=self.url, timeout=60)
