@@ -57,7 +57,8 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     install_error_handlers(app)
     install_store_errors(app)
     # Keys are checked from the headers before any body is read (app.limits).
-    reads = app.state.body_reads = BodyReads(settings.server.max_body_reads)
+    reads = app.state.body_reads = BodyReads(settings.server.max_body_reads,
+                                             settings.server.max_body_reads_per_key)
     app.add_middleware(RequestGate, server=settings.server, reads=reads,
                        open_routes=health.router.routes)
     # Every router but health's needs a key: include new routers with guarded() too.

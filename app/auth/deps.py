@@ -3,8 +3,9 @@
 `create_app` includes every router except health's with `guarded()` (or `admin_only()`), so
 a new route is authenticated by the way its router is included. The key itself is found
 earlier, from the headers, by the request gate (`app.limits.RequestGate`, before any body is
-read, with failed attempts throttled per address: `app.auth.throttle`); `authenticate`
-returns the key it found.
+read, with failed attempts throttled per address: `app.auth.throttle`), and it counts the
+request against the key's rpm there, before the body; `authenticate` returns the key it found
+and `counted` counts only a request the gate did not.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.errors import AdminOnly, KeyNotValidNow, KeyRevoked, MissingKey, Unauth
 
 HOW = "Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
 _KEY_STATE = "llm_api_key"  # the request's key, in scope["state"] (request.state)
+_COUNTED_STATE = "llm_api_counted"  # True once the request was counted against rpm
 
 
 def get_accounts(request: Request) -> Accounts:
@@ -96,6 +98,17 @@ def remember_key(scope: Scope, key: KeyInfo) -> None:
     scope.setdefault("state", {})[_KEY_STATE] = key
 
 
+async def count_once(scope: Scope, accounts: Accounts, key: KeyInfo) -> None:
+    """Count this HTTP request against the key's rpm (429 past it), unless it was counted
+    already: the request gate counts it before the body is read, `counted` when the gate
+    did not, so each request is counted exactly once."""
+    state = scope.setdefault("state", {})
+    if state.get(_COUNTED_STATE):
+        return
+    await accounts.limiter.count_request(key)
+    state[_COUNTED_STATE] = True
+
+
 async def authenticate(request: Request) -> KeyInfo | None:
     """The caller's key (None when auth is disabled): the one the request gate
     (app.limits.RequestGate) found before the body was read."""
@@ -114,9 +127,10 @@ KeyDep = Annotated[KeyInfo | None, Depends(authenticate)]
 async def counted(request: Request, key: KeyDep) -> KeyInfo | None:
     """The caller's key, with this HTTP request counted against its rpm (429 past it).
     Every authenticated route depends on this once (FastAPI caches it per request), so
-    tokenizing, listing models or the admin API cost a request like generating does."""
+    tokenizing, listing models or the admin API cost a request like generating does. The
+    request gate has usually counted it already, before reading the body (`count_once`)."""
     if key is not None:
-        await get_accounts(request).limiter.count_request(key)
+        await count_once(request.scope, get_accounts(request), key)
     return key
 
 
