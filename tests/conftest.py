@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -99,6 +100,12 @@ class LiveServer:
     def model_stats(self, name: str | None = None) -> dict[str, Any]:
         models = self.client.get("/ready").json()["models"]
         return next(m for m in models if name is None or m["name"] == name)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (tests run coroutines in it to hold its state)."""
+        loop: asyncio.AbstractEventLoop = self._server.servers[0].get_loop()
+        return loop
 
     def stop(self) -> None:
         self.client.close()

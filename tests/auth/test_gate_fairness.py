@@ -39,7 +39,7 @@ def unanswered(sock: socket.socket) -> bool:
 def slot_held(server: LiveServer, *key_id: int) -> Iterator[None]:
     """A body-read slot (the global one, or `key_id`'s and a global one) taken in the
     server's event loop and held until the block ends: a gate the test controls."""
-    loop = server._server.servers[0].get_loop()
+    loop = server.loop
     reads = server.app.state.body_reads
     taken = threading.Event()
     release: list[asyncio.Event] = []
