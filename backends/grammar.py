@@ -20,6 +20,7 @@ from typing import Any
 from backends.base import GenerationParams
 from backends.errors import InvalidRequest
 from backends.grammar_gbnf import GrammarLimits, Rules, refuse
+from backends.grammar_regex import MAX_PATTERN_CHARS
 from backends.grammar_schema import UNENFORCED, SchemaGrammar
 
 __all__ = ["GrammarLimits", "grammar_for", "grammar_sampler", "prepare_grammar",
@@ -53,14 +54,22 @@ def unenforced_keywords(schema: Any, where: str = "schema") -> Iterator[str]:
 
 
 def _check_size(schema: Any) -> None:
-    """Bound the schema document's depth and size before anything recurses into it."""
-    todo, seen = [(schema, 1)], 0
+    """Bound the schema document's depth and size, and its patterns' length, before anything
+    recurses into it or parses a pattern. Every string under a "pattern" key counts (a $ref
+    may point anywhere, even into an enum)."""
+    todo, seen, patterns = [(schema, 1)], 0, 0
     while todo:
         value, depth = todo.pop()
         seen += 1
         if depth > MAX_SCHEMA_DEPTH or seen > MAX_SCHEMA_NODES:
             raise refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels or holds "
                          f"more than {MAX_SCHEMA_NODES} values.")
+        if isinstance(value, dict) and isinstance(value.get("pattern"), str):
+            patterns += len(value["pattern"])
+            if patterns > MAX_PATTERN_CHARS:
+                raise refuse(f"its `pattern`s hold more than {MAX_PATTERN_CHARS} characters "
+                             "together, the most this server converts in one schema; "
+                             "shorten them.")
         children = value.values() if isinstance(value, dict) else \
             value if isinstance(value, list) else ()
         todo.extend((child, depth + 1) for child in children)

@@ -40,6 +40,12 @@ warnings.filterwarnings("ignore", category=FutureWarning,
                         "set symmetric difference) at position")
 
 MAX_PATTERN_DEPTH = 32  # nested groups and repetitions in one pattern
+#: Characters of all the `pattern`s of one schema together, checked before any is parsed.
+#: Parsing and converting cost CPU in proportion to their length, holding the GIL: ~7 ms a
+#: schema at most at this bound, ~30 ms at 16384. (8 clients sending patterns that parse
+#: that long, then are refused, held another client's one-token completion for 0.3-0.5 s,
+#: median, at 4096 characters; 1.0 s at 16384.) Real patterns are short.
+MAX_PATTERN_CHARS = 4096
 _ASCII = [(0, 0x7F)]
 _DIGIT = [(0x30, 0x39)]
 _WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
@@ -81,6 +87,14 @@ class _Pattern:
     def __init__(self, rules: Rules, where: str) -> None:
         self.rules = rules
         self.where = where
+        self.written = 0  # characters of grammar written for the pattern's parts so far
+
+    def _wrote(self, part: str) -> str:
+        """`part`, counted: the pattern is refused as soon as its grammar grows past
+        server.max_grammar_bytes (a class such as `.` takes hundreds of bytes)."""
+        self.written += len(part)
+        self.rules.afford(self.written, self.where)
+        return part
 
     def refuse(self, what: str) -> Exception:
         return refuse(f"{self.where} uses {what}, which constrained output cannot enforce. "
@@ -115,11 +129,13 @@ class _Pattern:
                 text += json_text(arg)
                 continue
             if text:
-                parts.append(literal(text))
+                parts.append(self._wrote(literal(text)))
                 text = ""
-            parts.append(self._item(op, arg, depth, times))
+            part = self._item(op, arg, depth, times)
+            # groups and alternatives hold parts counted already
+            parts.append(part if op in (_c.BRANCH, _c.SUBPATTERN) else self._wrote(part))
         if text:
-            parts.append(literal(text))
+            parts.append(self._wrote(literal(text)))
         return " ".join(parts) or '""'
 
     def _item(self, op: Any, arg: Any, depth: int, times: int) -> str:

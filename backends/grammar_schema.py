@@ -50,6 +50,7 @@ CONSTRAINING = UNENFORCED | {
 }
 _JSON_TYPES = {bool: "boolean", str: "string", type(None): "null", list: "array",
                dict: "object"}
+Pointer = tuple[str | int, ...]  # a path into the schema document
 
 
 def json_type(value: Any) -> set[str]:
@@ -67,10 +68,15 @@ class SchemaGrammar:
     def __init__(self, schema: Any, rules: Rules) -> None:
         self.schema = schema
         self.rules = rules
-        self._refs: dict[str, str] = {}  # $ref -> its rule
+        # $ref target (the path it resolves to, however the $ref spells it) -> its rule
+        self._refs: dict[Pointer, str] = {}
         # $refs being resolved since the last object or array began: meeting one of them
         # again would make a rule that starts with itself (left recursion).
-        self._bare: list[set[str]] = [set()]
+        self._bare: list[set[Pointer]] = [set()]
+        # The rules of the schemas met first in an object or array (properties, items...),
+        # by id (each held): whatever comes before, one such schema's rule is the same, so
+        # a part that allOf, or a $ref into it, brings again is not written again.
+        self._member_rules: dict[int, tuple[Any, str]] = {}
 
     def root(self) -> str:
         return self.value(self.schema, "schema", 0)
@@ -113,31 +119,43 @@ class SchemaGrammar:
     def _ref(self, schema: dict[str, Any], where: str, depth: int) -> str:
         self._others(schema, "$ref", where)
         ref = schema["$ref"]
-        if ref in self._bare[-1]:
+        target, pointer = self._resolve(ref, where)
+        if pointer in self._bare[-1]:
             raise refuse(f"{where}: $ref '{ref[:80]}' refers to itself without an object or "
                          "array in between, which no finite value can satisfy.")
-        name = self._refs.get(ref)
+        name = self._refs.get(pointer)
         if name is None:
-            target = self._resolve(ref, where)
-            name = self._refs[ref] = self.rules.reserve(ref.rsplit("/", 1)[-1])
-            self._bare[-1].add(ref)
+            name = self._refs[pointer] = self.rules.reserve(ref.rsplit("/", 1)[-1])
+            self._bare[-1].add(pointer)
             self.rules.define(name, self.value(target, f"{where}({ref[:80]})", depth + 1))
-            self._bare[-1].discard(ref)
+            self._bare[-1].discard(pointer)
         return name
 
-    def _resolve(self, ref: Any, where: str) -> Any:
+    def _resolve(self, ref: Any, where: str) -> tuple[Any, Pointer]:
+        """What `ref` points to, and the path to it (the same for every spelling)."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise refuse(f"{where}.$ref must point into this schema ('#/$defs/...').")
-        target = self.schema
+        target: Any = self.schema
+        pointer: list[str | int] = []
         for part in ref[1:].split("/")[1:]:
             key = unquote(part).replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and key in target:
                 target = target[key]
+                pointer.append(key)
             elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
                 target = target[int(key)]
+                pointer.append(int(key))
             else:
                 raise refuse(f"{where}.$ref '{ref[:80]}' points to nothing in the schema.")
-        return target
+        return target, tuple(pointer)
+
+    def _member(self, schema: Any, where: str, depth: int) -> str:
+        """`value` of a schema met first in an object or array (no $ref being resolved in
+        between), written once however often it is met."""
+        known = self._member_rules.get(id(schema))
+        if known is None:
+            known = self._member_rules[id(schema)] = (schema, self.value(schema, where, depth))
+        return known[1]
 
     def _union(self, schema: dict[str, Any], where: str, depth: int) -> str:
         """anyOf, and oneOf read as anyOf (a value may match several alternatives)."""
@@ -160,9 +178,13 @@ class SchemaGrammar:
         if len(parts) == 1 and not rest:
             return parts[0]
         merged: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
+        seen: set[int] = set()  # a part that comes again (by $ref) merges nothing new
         for i, part in enumerate([*parts, rest]):
-            part = self._resolve(part["$ref"], where) if isinstance(part, dict) and \
+            part = self._resolve(part["$ref"], where)[0] if isinstance(part, dict) and \
                 "$ref" in part else part
+            if id(part) in seen:
+                continue
+            seen.add(id(part))
             extra = set(part) & CONSTRAINING - {"properties", "required", "type"} \
                 if isinstance(part, dict) else {"?"}
             if extra or part.get("type", "object") != "object":
@@ -193,6 +215,7 @@ class SchemaGrammar:
         except ValueError:
             raise refuse(f"{where}.{keyword} holds NaN or Infinity, which JSON cannot "
                          "write.") from None
+        self.rules.afford(sum(len(text) + 5 for text in texts))  # '"text" | ' at least
         return self.rules.add(where, "( " + " | ".join(map(literal, texts)) + " ) " +
                               self.rules.primitive("space"))
 
@@ -274,6 +297,8 @@ class SchemaGrammar:
                          "properties.")
         if not properties and extra in (None, True):
             return self.rules.primitive("object")
+        # each name is written (quoted) at least once: bound them before writing any
+        self.rules.afford(sum(len(name) + 4 for name in properties))
         self._bare.append(set())
         try:
             pairs = {name: self._pair(literal(json.dumps(name)), sub,
@@ -284,15 +309,16 @@ class SchemaGrammar:
                 depth)
         finally:
             self._bare.pop()
-        members = self._members([pairs[r] for r in dict.fromkeys(required)],
-                                [pairs[n] for n in pairs if n not in required], more, where)
+        wanted = dict.fromkeys(required)
+        members = self._members([pairs[r] for r in wanted],
+                                [pairs[n] for n in pairs if n not in wanted], more, where)
         space = self.rules.primitive("space")
         return self.rules.add(where, f'"{{" {space} {members} "}}" {space}')
 
     def _pair(self, key: str, schema: Any, where: str, depth: int) -> str:
         space = self.rules.primitive("space")
         return self.rules.add(f"{where}-kv", f'{key} {space} ":" {space} '
-                                             f'{self.value(schema, where, depth + 1)}')
+                                             f'{self._member(schema, where, depth + 1)}')
 
     def _members(self, required: list[str], optional: list[str], more: str | None,
                  where: str) -> str:
@@ -357,10 +383,10 @@ class SchemaGrammar:
         n = len(prefix) if most is None else min(len(prefix), most)
         self._bare.append(set())
         try:
-            heads = [self.value(p, f"{where}.prefixItems[{i}]", depth + 1)
+            heads = [self._member(p, f"{where}.prefixItems[{i}]", depth + 1)
                      for i, p in enumerate(prefix[:n])]
             more = None if items is False or n < len(prefix) or most == n else \
-                self.value(items, f"{where}.items", depth + 1)
+                self._member(items, f"{where}.items", depth + 1)
         finally:
             self._bare.pop()
         space = self.rules.primitive("space")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jsonschema
@@ -23,6 +25,8 @@ from hypothesis import strategies as st
 from backends.base import GenerationParams, GenerationRequest, ModelSpec
 from backends.errors import InvalidRequest
 from backends.grammar import GrammarLimits, grammar_sampler, prepare_grammar, schema_grammar
+from backends.grammar_gbnf import Rules
+from backends.grammar_regex import pattern_grammar
 from backends.llama import LlamaBackend, LlamaParams
 from tests.conftest import TINY_GGUF
 
@@ -286,6 +290,169 @@ def test_additional_keys_never_repeat_a_declared_one() -> None:
     assert after_a.startswith(quote)  # "a" is fine too
     after_ab = rules[re.search(r'"b" (key-\d+)', after_a)[1]]  # type: ignore[index]
     assert not after_ab.startswith(quote)  # "ab" is not: the key must go on
+
+
+# -- converting costs work in proportion to what it writes (issue #22, red team) ----------
+# It runs holding the GIL: every other request waits meanwhile. What it costs is counted
+# here (characters handed to the rules and literals, schemas visited, pattern characters
+# parsed, functions called), not timed. Before the bounds, the schemas below took up to
+# 80 s of CPU, or wrote megabytes of rules, before the size check refused them (or never
+# were refused: a long pattern under a key of an enum, a part written 300 times).
+
+class Work:
+    """What converting one schema did."""
+
+    def __init__(self) -> None:
+        self.written = 0  # characters of rule bodies and literals written
+        self.visits = 0  # schemas converted (SchemaGrammar.value calls)
+        self.parsed = 0  # characters of patterns handed to re's parser
+        self.calls = 0  # functions called, Python's and C's (with `counting_calls`)
+
+    @contextmanager
+    def counting_calls(self) -> Iterator[None]:
+        def profile(_frame: Any, event: str, _arg: Any) -> None:
+            if event in ("call", "c_call"):
+                self.calls += 1
+
+        sys.setprofile(profile)
+        try:
+            yield
+        finally:
+            sys.setprofile(None)
+
+
+@pytest.fixture
+def work(monkeypatch: pytest.MonkeyPatch) -> Work:
+    import backends.grammar_gbnf as gbnf
+    import backends.grammar_regex as regex
+    import backends.grammar_schema as schema
+
+    seen = Work()
+    add, define, value = gbnf.Rules.add, gbnf.Rules.define, schema.SchemaGrammar.value
+    parse, literal = regex._parser.parse, gbnf.literal
+
+    def counted_add(rules: gbnf.Rules, hint: str, body: str) -> str:
+        seen.written += len(body)
+        return add(rules, hint, body)
+
+    def counted_define(rules: gbnf.Rules, name: str, body: str) -> None:
+        seen.written += len(body)
+        define(rules, name, body)
+
+    def counted_value(grammar: schema.SchemaGrammar, *args: Any) -> str:
+        seen.visits += 1
+        return value(grammar, *args)
+
+    def counted_parse(pattern: str, *args: Any) -> Any:
+        seen.parsed += len(pattern)
+        return parse(pattern, *args)
+
+    def counted_literal(text: str) -> str:
+        seen.written += len(text)
+        return literal(text)
+
+    monkeypatch.setattr(gbnf.Rules, "add", counted_add)
+    monkeypatch.setattr(gbnf.Rules, "define", counted_define)
+    monkeypatch.setattr(schema.SchemaGrammar, "value", counted_value)
+    monkeypatch.setattr(regex._parser, "parse", counted_parse)
+    for module in (regex, schema):
+        monkeypatch.setattr(module, "literal", counted_literal)
+    return seen
+
+
+def _fan_out(width: int = 8, depth: int = 6) -> dict[str, Any]:
+    """$defs d0..d6, each with `width` properties that all bring the next one by allOf
+    (which wrote it out each time: 8**6 times)."""
+    defs: dict[str, Any] = {f"d{depth}": {"type": "object",
+                                          "properties": {"z": {"type": "integer"}}}}
+    for d in range(depth):
+        defs[f"d{d}"] = {"type": "object", "properties": {
+            f"p{i}": {"allOf": [{"$ref": f"#/$defs/d{d + 1}"}, {"properties": {}}]}
+            for i in range(width)}}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def _spellings(count: int) -> list[str]:
+    """`count` ways to write "#/$defs/t" (any character may be percent-encoded)."""
+    plain = "$defs/t"
+    return ["#/" + "".join(f"%{ord(c):02X}" if i >> j & 1 else c
+                           for j, c in enumerate(plain)) for i in range(count)]
+
+
+BIG = {f"k{i}": {"type": "integer"} for i in range(3000)}
+COSTLY = {
+    # 900 kB of pattern: 3-5 s of parsing and converting before the size check refused it
+    "one long pattern": ({"type": "string", "pattern": "(a)" * 300_000}, ("pattern", "4096")),
+    "64 patterns": ({"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "(a)" * 5000} for i in range(64)}},
+                    ("pattern", "4096")),
+    "pattern inside an enum": ({"enum": [{"pattern": "a" * 20_000}]}, ("pattern", "4096")),
+    # within the pattern cap, but hundreds of bytes of grammar per character
+    "4096 dots": ({"type": "string", "pattern": "." * 4096},
+                  ("schema.pattern", "(65536, server.max_grammar_bytes)")),
+    "682 classes": ({"type": "string", "pattern": "[^a-z]" * 682},
+                    ("schema.pattern", "server.max_grammar_bytes")),
+    "1 MB enum": ({"enum": ["x" * 1000 + str(i) for i in range(1000)]},
+                  ("(65536, server.max_grammar_bytes)",)),
+    "500k-character name, additional keys": (
+        {"type": "object", "properties": {"é" * 500_000: {"type": "integer"}},
+         "additionalProperties": {"type": "integer"}}, ("server.max_grammar_bytes",)),
+    "9000 names, additional keys": (
+        {"type": "object", "properties": {"k" * 100 + str(i): {} for i in range(9000)},
+         "additionalProperties": {"type": "integer"}}, ("server.max_grammar_bytes",)),
+    "allOf of one $def 5000 times": (
+        {"$defs": {"a": {"properties": BIG}}, "allOf": [{"$ref": "#/$defs/a"}] * 5000},
+        ("server.max_grammar_bytes",)),
+    "a part repeated 300 times": ({"anyOf": [{"enum": ["x" * 3000]} for _ in range(300)]},
+                                  ("writing the grammar", "(65536, server.max_grammar_bytes)")),
+}
+
+
+@pytest.mark.parametrize("name", list(COSTLY))
+def test_costly_schemas_are_refused_after_bounded_work(work: Work, name: str) -> None:
+    schema, words = COSTLY[name]
+    with work.counting_calls():
+        message = refused(schema)
+    for word in words:
+        assert word in message, (word, message)
+    assert work.parsed <= 4096 and work.visits <= 5000, vars(work)
+    assert work.written <= 10 * DEFAULTS.max_bytes, vars(work)
+    assert work.calls <= 1_000_000, vars(work)  # millions to tens of millions before
+
+
+def test_patterns_are_bounded_together_before_any_is_parsed(work: Work) -> None:
+    assert schema_grammar({"type": "string", "pattern": "a" * 4096}, DEFAULTS)
+    two = {"type": "array", "prefixItems": [{"type": "string", "pattern": "a" * 2048},
+                                            {"type": "string", "pattern": "b" * 2049}]}
+    parsed = work.parsed
+    message = refused(two)
+    assert "`pattern`s hold more than 4096 characters" in message, message
+    assert work.parsed == parsed  # refused before parsing either
+
+
+def test_a_count_longer_than_int_reads_is_a_400_past_the_cap_too() -> None:
+    """The cap refuses such a pattern in a schema before parsing; a direct caller of
+    pattern_grammar still gets a 400, not int()'s ValueError."""
+    with pytest.raises(InvalidRequest, match="not a valid regular expression"):
+        pattern_grammar("^a{" + "9" * 5000 + "}$", Rules(DEFAULTS), "schema.pattern")
+
+
+def test_a_part_brought_by_allof_many_times_is_written_once(work: Work) -> None:
+    schema = _fan_out()
+    grammar = schema_grammar(schema, DEFAULTS)
+    assert work.visits < 200, vars(work)  # 861,330 before (6 s)
+    assert grammar.count('"\\x22z\\x22"') == 1  # d6's only property, written once
+    validate({"p0": {"p7": {"p2": {"p3": {"p4": {"p5": {"z": 1}}}}}}}, schema)
+
+
+def test_a_ref_spelled_many_ways_is_written_once(work: Work) -> None:
+    """A $ref names its target however it spells the path: "#/%24defs/%74" is "#/$defs/t"."""
+    spellings = _spellings(8)
+    schema = {"$defs": {"t": {"anyOf": [{"type": "integer"}, {"type": "null"}] * 1000}},
+              "anyOf": [{"$ref": ref} for ref in spellings]}
+    grammar = schema_grammar(schema, DEFAULTS)
+    assert work.visits < 2100, vars(work)  # 8 x 2000 before: once per spelling
+    assert len(re.findall(r"^t-\d+ ::=", grammar, re.MULTILINE)) == 1, grammar[:2000]
 
 
 # -- strategies (also used by tests/api/test_grammar_http.py) -----------------------------
