@@ -124,10 +124,13 @@ class JsonSchemaFormat(StrictSchema):
 
 
 class ResponseFormat(StrictSchema):
-    # `_schema_given`, as the OpenAPI document says it.
+    # `_schema_given`, as the OpenAPI document says it: a json_schema object with type
+    # json_schema, and with no other type (where it would constrain nothing, or, once,
+    # everything while the type said text).
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"type": {"const": "json_schema"}}},
-        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+        "else": {"properties": {"json_schema": {"type": "null"}}}})
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -136,6 +139,10 @@ class ResponseFormat(StrictSchema):
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type json_schema needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"response_format.type is '{self.type}', which takes no "
+                             "json_schema (only type 'json_schema' does): drop json_schema, "
+                             "or set response_format.type to 'json_schema'")
         return self
 
 
@@ -173,7 +180,7 @@ class ChatCompletionRequest(SamplingFields):
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
             params = replace(params, json_mode=True)
-        elif fmt is not None and fmt.json_schema is not None:
+        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             schema = fmt.json_schema.schema_ or {}
             params = replace(params, json_mode=True, json_schema=schema)
         messages = tuple(m.as_dict() for m in self.messages)

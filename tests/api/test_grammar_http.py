@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
@@ -161,6 +162,54 @@ def test_a_lone_surrogate_in_the_schema_is_refused_at_the_door(server: Server) -
                                   headers={"content-type": "application/json"})
     assert_error(response, 422, "invalid_parameter", ("surrogate",))
     server.assert_alive()
+
+
+def test_a_long_pattern_is_refused_before_it_is_parsed(server: Server) -> None:
+    """900 kB of pattern took 4.5 s of CPU (holding the GIL: every other request stalled)
+    to be refused by the grammar size check; the patterns' length is bounded first."""
+    error = assert_error(server.chat({"type": "string", "pattern": "(a)" * 300_000}), 400,
+                         "invalid_request", ("pattern", "4096"))
+    assert error["param"] == "response_format"
+    server.assert_alive()
+
+
+def _chat_with_format(server: Server, fmt: Any) -> httpx.Response:
+    return server.client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+        "response_format": fmt})
+
+
+@pytest.mark.parametrize("kind", ["text", "json_object"])
+def test_a_json_schema_beside_another_type_is_refused(server: Server, kind: str) -> None:
+    """type text with a json_schema used to constrain the output to the schema."""
+    fmt = {"type": kind, "json_schema": {"name": "x", "schema": {"type": "boolean"}}}
+    error = assert_error(_chat_with_format(server, fmt), 422, "invalid_parameter",
+                         ("response_format.type", f"'{kind}'", "json_schema"))
+    assert error["param"] == "response_format"
+
+
+FORMATS = [
+    {"type": "text"}, {"type": "text", "json_schema": None},
+    {"type": "text", "json_schema": {"name": "x"}},
+    {"type": "json_object"}, {"type": "json_object", "json_schema": None},
+    {"type": "json_object", "json_schema": {"name": "x", "schema": {"type": "null"}}},
+    {"type": "json_schema"}, {"type": "json_schema", "json_schema": None},
+    {"type": "json_schema", "json_schema": {"name": "x"}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "null"}}},
+]
+
+
+def test_the_openapi_document_and_the_server_agree_on_response_format(server: Server) -> None:
+    """Every response_format above is accepted by the server exactly when the published
+    request schema allows it (schemathesis checks the same from generated values)."""
+    document = server.client.get("/openapi.json").json()
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ResponseFormat", "components": document["components"]})
+    for fmt in FORMATS:
+        response = _chat_with_format(server, fmt)
+        assert response.status_code in (200, 422), response.text
+        assert validator.is_valid(fmt) == (response.status_code == 200), (fmt, response.text)
+    assert _chat_with_format(server, {"type": "text"}).json()["choices"][0]["message"]
 
 
 CASES = 100  # examples of the property test (15-35 s on 2 busy cores)
