@@ -106,7 +106,7 @@ def _stop_on_signals(server: uvicorn.Server) -> None:
 @cli.command()
 def download(config: ConfigOption = None) -> None:
     """Fetch the weights of every configured model into models_dir, then exit."""
-    from app.pool import resolve_tokenizer, resolve_weights
+    from engine.loading import resolve_tokenizer, resolve_weights
     from backends.errors import ModelLoadError
 
     settings = _settings(config)

@@ -24,29 +24,20 @@ from backends.errors import (
     LLMAPIError,
     ModelLoadError,
 )
+from engine.errors import (  # noqa: F401 - raised by the engine, mapped here
+    ClientDisconnected,
+    EngineRestarted,
+    ModelNotReady,
+    NoWorkers,
+    Overloaded,
+    RequestTimeout,
+    as_domain_error,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ModelNotFound(LLMAPIError):
-    pass
-
-
-class ModelNotReady(LLMAPIError):
-    retry_after = 5
-
-
-class Overloaded(LLMAPIError):
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RequestTimeout(LLMAPIError):
-    pass
-
-
-class ClientDisconnected(LLMAPIError):
     pass
 
 
@@ -157,6 +148,8 @@ ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (QuotaExceeded, ErrorSpec(429, "rate_limit_error", "quota_exceeded")),
     (Overloaded, ErrorSpec(503, "overloaded_error", "queue_full")),
     (ModelNotReady, ErrorSpec(503, "overloaded_error", "model_not_ready")),
+    (NoWorkers, ErrorSpec(503, "overloaded_error", "no_workers")),
+    (EngineRestarted, ErrorSpec(503, "server_error", "engine_restarted")),
     (StoreUnavailable, ErrorSpec(503, "server_error", "store_unavailable")),
     (ClientDisconnected, ErrorSpec(499, "invalid_request_error", "client_closed_request")),
     (RequestTimeout, ErrorSpec(504, "timeout_error", "request_timeout")),
@@ -210,14 +203,6 @@ def sse_error_data(exc: LLMAPIError) -> dict[str, str]:
     """OpenAI's streaming style: a plain `data:` event with the error body (the SDK raises
     APIError on it); the stream then ends without `[DONE]`."""
     return {"data": json.dumps(body_for(exc))}
-
-
-def as_domain_error(exc: BaseException) -> LLMAPIError:
-    """Domain errors pass through; anything else is logged and hidden behind a generic one."""
-    if isinstance(exc, LLMAPIError):
-        return exc
-    log.error("unexpected failure", exc_info=exc)
-    return BackendFailure()
 
 
 def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:

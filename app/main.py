@@ -36,7 +36,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
         accounts = app.state.accounts = open_accounts(settings)
         throttle = app.state.throttle = make_throttle(settings)
         await to_thread.run_sync(prepare_store, accounts.store, settings)
-        pool = ModelPool(entries, settings.models_dir)
+        pool = ModelPool(entries, settings)
         app.state.pool = pool
         pool.start()
         watcher = asyncio.create_task(_watch_loading(pool, on_load_failure))
@@ -44,7 +44,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
             yield
         finally:
             watcher.cancel()
-            await asyncio.to_thread(pool.stop)
+            await pool.stop()
             await accounts.limiter.close()
             await throttle.close()
             accounts.store.close()
@@ -72,12 +72,12 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
 
 
 async def _watch_loading(pool: ModelPool, on_failure: Callable[[], None] | None) -> None:
-    for name, scheduler in pool.schedulers.items():
-        await scheduler.wait_loaded()
-        if scheduler.state == "failed":
-            log.error("model %s could not be loaded: %s", name, scheduler.error)
+    for name, client in pool.clients.items():
+        await client.wait_loaded()
+        if client.info.state == "failed":
+            log.error("model %s could not be loaded: %s", name, client.info.error)
             if on_failure is not None:
                 on_failure()
                 return
     if pool.all_ready():
-        log.info("all models ready: %s", ", ".join(pool.schedulers))
+        log.info("all models ready: %s", ", ".join(pool.clients))

@@ -1,4 +1,4 @@
-"""What the routes call: generation and embeddings on a model's scheduler, metered.
+"""What the routes call: generation and embeddings on a model's model, metered.
 
 Every generation and embedding goes through `start_generation` / `embed` with the request's
 `Meter` (the `MeterDep` dependency): that is where the key's model access, rate limits and
@@ -18,7 +18,6 @@ from fastapi import Request
 from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
 from app.prompts import PreparedPrompt, bound_chars, bound_texts, prompt_chars, reusing_ids
-from app.scheduler import JobStream, ModelScheduler
 from backends.base import (
     CHAT,
     EMBED,
@@ -26,21 +25,20 @@ from backends.base import (
     JSON_OUTPUT,
     LOGPROBS,
     TOKENIZE,
-    Backend,
     Chunk,
     GenerationRequest,
     TokenLogprob,
 )
 from backends.errors import CapabilityNotSupported, ContextLengthExceeded
-from backends.grammar import prepare_grammar
+from engine.client import EngineClient
+from engine.jobs import JobStream
 
 T = TypeVar("T")
 
 
-def _require(scheduler: ModelScheduler, capability: str, what: str) -> None:
-    backend = scheduler.backend
-    if backend is not None and capability not in backend.capabilities:
-        raise CapabilityNotSupported(f"Model '{scheduler.name}' does not support {what}.",
+def _require(model: EngineClient, capability: str, what: str) -> None:
+    if model.info.state == "ready" and capability not in model.info.capabilities:
+        raise CapabilityNotSupported(f"Model '{model.name}' does not support {what}.",
                                      param="model")
 
 
@@ -50,49 +48,33 @@ def prompt_words(request: GenerationRequest) -> int:
     return len((request.prompt or "").split())
 
 
-async def start_generation(scheduler: ModelScheduler, request: GenerationRequest,
+async def start_generation(model: EngineClient, request: GenerationRequest,
                            meter: Meter, *, clamp: bool = False) -> MeteredStream:
     """Admit the request on `meter`, queue the generation and return its stream once the
     prompt was accepted. The stream settles its ticket when it ends, however it ends.
 
-    The prompt is bounded in characters first, then tokenized once, off the engine thread
+    The prompt is bounded in characters first, then readied once by the model
     (`PreparedPrompt`); with `clamp`, see there."""
-    _require(scheduler, GENERATE, "text generation")
+    _require(model, GENERATE, "text generation")
     if request.messages is not None:
-        _require(scheduler, CHAT, "chat messages (it has no chat template)")
+        _require(model, CHAT, "chat messages (it has no chat template)")
     if request.params.json_mode or request.params.json_schema is not None:
-        _require(scheduler, JSON_OUTPUT, "constrained JSON output (response_format)")
+        _require(model, JSON_OUTPUT, "constrained JSON output (response_format)")
     if request.params.logprobs is not None:
-        _require(scheduler, LOGPROBS, "logprobs")
-    if request.params.max_tokens is None and scheduler.default_max_tokens is not None:
-        params = replace(request.params, max_tokens=scheduler.default_max_tokens)
-        request = replace(request, params=params)
-    bound_chars(scheduler, prompt_chars(request),
+        _require(model, LOGPROBS, "logprobs")
+    bound_chars(model, prompt_chars(request),
                 "messages" if request.messages is not None else "prompt")
-    prompt = PreparedPrompt(scheduler, request, clamp)
+    prompt = PreparedPrompt(model, request, clamp)
 
-    ticket = await meter.admit(scheduler.name, prompt_words(request), prompt.reservation)
+    ticket = await meter.admit(model.name, prompt_words(request), prompt.reservation)
     try:
         request = await prompt.request()
-        request = await _with_grammar(scheduler, request)
-        stream = await scheduler.generate(request)
+        stream = await model.generate(request)
     except BaseException:
         await ticket.refund()
         raise
     ticket.running = True
     return MeteredStream(stream, ticket, request, prompt.clamped)
-
-
-async def _with_grammar(scheduler: ModelScheduler,
-                        request: GenerationRequest) -> GenerationRequest:
-    """The request with its JSON grammar written and parsed by llama.cpp once, in a worker
-    thread: a bad or oversized schema is a 400 here, never work on the engine thread."""
-    params = request.params
-    if not params.json_mode and params.json_schema is None:
-        return request
-    vocab = getattr(scheduler.backend, "vocab", None)  # llama.cpp's parser reads it
-    params = await asyncio.to_thread(prepare_grammar, params, scheduler.grammar_limits, vocab)
-    return replace(request, params=params)
 
 
 class MeteredStream(JobStream):
@@ -113,20 +95,20 @@ class MeteredStream(JobStream):
         await self._ticket.settle(200 if error is None else status_of(error))
 
 
-async def start_clamped(scheduler: ModelScheduler, request: GenerationRequest,
+async def start_clamped(model: EngineClient, request: GenerationRequest,
                         meter: Meter) -> tuple[JobStream, int | None]:
     """Like start_generation, but a max_tokens the context has no room for is lowered to
     what it leaves instead of failing; returns the stream and the lowered max_tokens (or
     None when the request fit)."""
     try:
-        stream = await start_generation(scheduler, request, meter, clamp=True)
+        stream = await start_generation(model, request, meter, clamp=True)
         return stream, stream.clamped
     except ContextLengthExceeded as exc:  # from a backend that tokenizes on its engine thread
         room = exc.context_length - exc.prompt_tokens
         if room <= 0:  # the prompt alone fills the context
             raise
         clamped = replace(request, params=replace(request.params, max_tokens=room))
-        return await start_generation(scheduler, clamped, meter), room
+        return await start_generation(model, clamped, meter), room
 
 
 @dataclass
@@ -138,12 +120,12 @@ class Completed:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-async def generate_choices(http: Request, scheduler: ModelScheduler,
+async def generate_choices(http: Request, model: EngineClient,
                            requests: list[GenerationRequest], meter: Meter) -> list[Completed]:
     """Run each request to completion in turn (the `n` choices of one API request)."""
     results, previous = [], None
     for request in requests:
-        stream = await start_generation(scheduler, reusing_ids(previous, request), meter)
+        stream = await start_generation(model, reusing_ids(previous, request), meter)
         previous = stream.request
         results.append(await unless_disconnected(http, stream, _complete(stream)))
     return results
@@ -160,18 +142,18 @@ async def _complete(stream: JobStream) -> Completed:
     return done
 
 
-async def stream_choices(scheduler: ModelScheduler, requests: list[GenerationRequest],
+async def stream_choices(model: EngineClient, requests: list[GenerationRequest],
                          meter: Meter) -> AsyncIterator[tuple[int, JobStream]]:
     """Each request's stream in turn, with its choice index; each one is started when the
     previous one has ended, the first before this returns (so early errors are plain
     errors). The caller iterates (and closes) each stream itself: no layer per token."""
-    first = await start_generation(scheduler, requests[0], meter)
+    first = await start_generation(model, requests[0], meter)
 
     async def streams() -> AsyncIterator[tuple[int, JobStream]]:
         yield 0, first
         previous = first.request
         for index, request in enumerate(requests[1:], start=1):
-            stream = await start_generation(scheduler, reusing_ids(previous, request), meter)
+            stream = await start_generation(model, reusing_ids(previous, request), meter)
             previous = stream.request
             yield index, stream
 
@@ -189,33 +171,33 @@ async def collect(stream: JobStream) -> tuple[str, Chunk | None]:
     return "".join(parts), final
 
 
-async def embed(scheduler: ModelScheduler, texts: list[str], meter: Meter) -> list[list[float]]:
+async def embed(model: EngineClient, texts: list[str], meter: Meter) -> list[list[float]]:
     """Embed `texts`, metered: their tokens count as prompt tokens."""
-    bound_texts(scheduler, texts, "text")
-    vectors, _ = await _embed_metered(scheduler, texts, meter, None)
+    bound_texts(model, texts, "text")
+    vectors, _ = await _embed_metered(model, texts, meter, None)
     return vectors
 
 
-async def embed_inputs(scheduler: ModelScheduler, inputs: list[str] | list[list[int]],
+async def embed_inputs(model: EngineClient, inputs: list[str] | list[list[int]],
                        meter: Meter) -> tuple[list[list[float]], int]:
     """Embed texts or token-id lists (detokenized by the model); also the input tokens
     (the ids given, or the texts' tokens; 0 for a family that does not tokenize)."""
-    _require(scheduler, EMBED, "embeddings")
+    _require(model, EMBED, "embeddings")
     ids = [i for i in inputs if isinstance(i, list)]
     texts = [i for i in inputs if isinstance(i, str)]
-    bound_texts(scheduler, texts, "input")
+    bound_texts(model, texts, "input")
     known = None
     if ids:
-        _require(scheduler, TOKENIZE, "token-id input")
-        _bound_ids(scheduler, ids)
-        texts = await scheduler.call_tokenizer(lambda b: [b.detokenize(one) for one in ids])
+        _require(model, TOKENIZE, "token-id input")
+        _bound_ids(model, ids)
+        texts = await model.call("detokenize_all", ids)
         known = sum(len(one) for one in ids)
-    return await _embed_metered(scheduler, texts, meter, known)
+    return await _embed_metered(model, texts, meter, known)
 
 
-def _bound_ids(scheduler: ModelScheduler, ids: list[list[int]]) -> None:
+def _bound_ids(model: EngineClient, ids: list[list[int]]) -> None:
     """Refuse an id list longer than the model's context before detokenizing it."""
-    context = scheduler.backend.context_length if scheduler.backend is not None else None
+    context = model.info.context_length
     for i, one in enumerate(ids):
         if context is not None and len(one) > context:
             raise ContextLengthExceeded(prompt_tokens=len(one), max_tokens=0,
@@ -223,23 +205,21 @@ def _bound_ids(scheduler: ModelScheduler, ids: list[list[int]]) -> None:
                                         param=f"input[{i}]" if len(ids) > 1 else "input")
 
 
-async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Meter,
+async def _embed_metered(model: EngineClient, texts: list[str], meter: Meter,
                          known: int | None) -> tuple[list[list[float]], int]:
     """Admit, embed and settle one embedding call; the texts' tokens (or `known`)."""
-    _require(scheduler, EMBED, "embeddings")
+    _require(model, EMBED, "embeddings")
     counted = [] if known is None else [known]
 
     async def count() -> int:
         if not counted:
-            counted.append(await scheduler.call_tokenizer(
-                lambda b: sum(len(b.tokenize(t)) for t in texts)
-                if TOKENIZE in b.capabilities else 0))
+            counted.append(await model.call("count_tokens", texts))
         return counted[0]
 
-    ticket = await meter.admit(scheduler.name, sum(len(t.split()) for t in texts), count)
+    ticket = await meter.admit(model.name, sum(len(t.split()) for t in texts), count)
     try:
         tokens = await count()
-        vectors = await scheduler.embed(texts)
+        vectors = await model.embed(texts)
     except BaseException:
         await ticket.refund()
         raise
@@ -248,31 +228,28 @@ async def _embed_metered(scheduler: ModelScheduler, texts: list[str], meter: Met
     return vectors, tokens
 
 
-async def tokenize(scheduler: ModelScheduler, text: str | None,
+async def tokenize(model: EngineClient, text: str | None,
                    messages: list[dict[str, str]] | None, add_special: bool = True) -> list[int]:
     """Token ids of a text, or of chat messages as the chat template renders them."""
-    _require(scheduler, TOKENIZE, "tokenization")
+    _require(model, TOKENIZE, "tokenization")
     if messages is not None:
-        _require(scheduler, CHAT, "chat messages (it has no chat template)")
-        bound_chars(scheduler, sum(len(m["content"]) for m in messages), "messages")
+        _require(model, CHAT, "chat messages (it has no chat template)")
+        bound_chars(model, sum(len(m["content"]) for m in messages), "messages")
     else:
-        bound_chars(scheduler, len(text or ""), "text")
+        bound_chars(model, len(text or ""), "text")
 
-    def run(backend: Backend) -> list[int]:
-        if messages is not None:  # the template writes the special tokens itself
-            return backend.tokenize(backend.apply_chat_template(messages), add_special=False)
-        return backend.tokenize(text or "", add_special=add_special)
-
-    return await scheduler.call_tokenizer(run)
+    ids: list[int] = await model.call("tokenize", text, messages, add_special)
+    return ids
 
 
-async def detokenize(scheduler: ModelScheduler, ids: list[int]) -> str:
-    _require(scheduler, TOKENIZE, "detokenization")
-    return await scheduler.call_tokenizer(lambda b: b.detokenize(ids))
+async def detokenize(model: EngineClient, ids: list[int]) -> str:
+    _require(model, TOKENIZE, "detokenization")
+    text: str = await model.call("detokenize", ids)
+    return text
 
 
-def _capabilities(scheduler: ModelScheduler) -> frozenset[str]:
-    return scheduler.backend.capabilities if scheduler.backend is not None else frozenset()
+def _capabilities(model: EngineClient) -> frozenset[str]:
+    return model.info.capabilities
 
 
 async def unless_disconnected(request: Request, stream: JobStream,

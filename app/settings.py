@@ -68,6 +68,9 @@ BASE_SETUP_KEYS = ("repo_id", "filename", "revision", "model_path")
 FAMILY_SETUP_KEYS = frozenset(SetupParams.model_fields) - set(BASE_SETUP_KEYS)
 
 
+Placement = Literal["local", "remote", "inprocess"]
+
+
 class ModelConfig(BaseModel):
     """One served model."""
 
@@ -84,6 +87,8 @@ class ModelConfig(BaseModel):
                                           description="Overrides server.request_timeout.")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens of requests "
                                            "that set none; default: what the context leaves.")
+    placement: Placement | None = Field(None, description="Where the model runs; default: "
+                                        "server.placement.")
 
 
 class ServerSettings(BaseModel):
@@ -95,6 +100,11 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
                            description="Log level of the server.")
+    placement: Placement = Field(
+        "local", description="Where models run: local (a worker process per model, spawned "
+        "and restarted by serve), remote (workers started with `llm-api worker` on any host, "
+        "reached over Redis Streams; needs redis_url), inprocess (in the API process: no "
+        "isolation, for plugin development).")
     max_queue: int = Field(16, ge=0, le=10_000, description="Requests that may wait per model "
                            "while one runs; more get 503 with Retry-After.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in "
@@ -261,6 +271,7 @@ class ModelEntry:
     prompt_chars_per_token: int = 8  # server.max_prompt_chars_per_token
     max_grammar_repeat: int = 500  # server.max_grammar_repeat
     max_grammar_bytes: int = 65_536  # server.max_grammar_bytes
+    placement: str = "local"
 
 
 def load_settings(config: str | Path | None = None) -> Settings:
@@ -315,7 +326,8 @@ def model_entries(settings: Settings, source: str = "settings") -> list[ModelEnt
             setup_key=".".join((*where, "setup_params")),
             prompt_chars_per_token=settings.server.max_prompt_chars_per_token,
             max_grammar_repeat=settings.server.max_grammar_repeat,
-            max_grammar_bytes=settings.server.max_grammar_bytes))
+            max_grammar_bytes=settings.server.max_grammar_bytes,
+            placement=cfg.placement or settings.server.placement))
     if problems:
         raise SettingsError("invalid settings:\n" + "\n".join(problems))
     return entries

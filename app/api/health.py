@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.deps import PoolDep
 
@@ -16,8 +16,11 @@ router = APIRouter(tags=["health"])
 class ModelReadiness(BaseModel):
     name: str
     family: str
-    state: str
+    state: str = Field(description="loading, ready, restarting (its worker process stopped "
+                       "and is being started again), failed (see error), stopped; waiting: "
+                       "a remote model with no live worker.")
     error: str | None
+    placement: str = Field(description="local, remote or inprocess (server.placement).")
     capabilities: list[str]
     context_length: int | None
     queued: int
@@ -25,6 +28,8 @@ class ModelReadiness(BaseModel):
     completed: int
     cancelled: int
     tokens_generated: int
+    restarts: int = Field(description="Times its worker process stopped and was restarted.")
+    workers: int | None = Field(description="Live workers of a remote model.")
 
 
 class Readiness(BaseModel):
@@ -51,17 +56,18 @@ async def health() -> dict[str, str]:
 async def ready(pool: PoolDep) -> JSONResponse:
     """200 once every model is loaded, else 503; lists each model's state and load."""
     models: list[dict[str, Any]] = []
-    for name, scheduler in pool.schedulers.items():
-        backend = scheduler.backend
-        stats = scheduler.stats
+    for name, client in pool.clients.items():
+        info = client.info
+        stats = info.stats
         models.append({
-            "name": name, "family": pool.entries[name].family, "state": scheduler.state,
-            "error": scheduler.error,
-            "capabilities": sorted(backend.capabilities) if backend else [],
-            "context_length": backend.context_length if backend else None,
-            "queued": stats.queued, "running": stats.running,
-            "completed": stats.completed, "cancelled": stats.cancelled,
-            "tokens_generated": stats.tokens_generated,
+            "name": name, "family": pool.entries[name].family, "state": info.state,
+            "error": info.error, "placement": client.placement,
+            "capabilities": sorted(info.capabilities),
+            "context_length": info.context_length,
+            "queued": stats.get("queued", 0), "running": stats.get("running", 0),
+            "completed": stats.get("completed", 0), "cancelled": stats.get("cancelled", 0),
+            "tokens_generated": stats.get("tokens_generated", 0),
+            "restarts": info.restarts, "workers": info.workers,
         })
     status = "ready" if pool.all_ready() else "not_ready"
     return JSONResponse({"status": status, "models": models},

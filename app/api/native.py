@@ -18,7 +18,7 @@ from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import ClientDisconnected, InvalidParams, as_domain_error, sse_error
 from app.json_body import BodyNotJSON, JSONBodyRoute, parse_body
-from app.scheduler import JobStream
+from engine.jobs import JobStream
 from app.schemas import EmbeddingsRequest, GenerateRequest
 from app.schemas_queue import (
     DetokenizeRequest,

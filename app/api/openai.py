@@ -37,7 +37,7 @@ from app.responses_openai import (
     new_id,
     now,
 )
-from app.scheduler import JobStream
+from engine.jobs import JobStream
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.sse import EventStream, data_event
 from backends.base import Chunk
@@ -119,7 +119,7 @@ async def embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDe
 @router.get("/models")
 async def list_models(request: Request, pool: PoolDep, meter: MeterDep) -> ModelList:
     """Every configured model the key may use, with its capabilities and state."""
-    return ModelList(data=[_card(request, pool, name) for name in pool.schedulers
+    return ModelList(data=[_card(request, pool, name) for name in pool.clients
                            if meter.may_use(name)])
 
 
@@ -128,18 +128,16 @@ async def retrieve_model(model: str, request: Request, pool: PoolDep,
                          meter: MeterDep) -> ModelCard:
     """One model; 404 `model_not_found` for a name that is not served or that the key may
     not use (the message lists only the models the key may use)."""
-    if model not in pool.schedulers or not meter.may_use(model):
+    if model not in pool.clients or not meter.may_use(model):
         raise pool.not_found(model, meter.may_use)
     return _card(request, pool, model)
 
 
 def _card(request: Request, pool: ModelPool, name: str) -> ModelCard:
-    scheduler = pool.schedulers[name]
-    backend = scheduler.backend
+    info = pool.clients[name].info
     return ModelCard(id=name, created=request.app.state.started, family=pool.entries[name].family,
-                     state=scheduler.state,
-                     capabilities=sorted(backend.capabilities) if backend else [],
-                     context_length=backend.context_length if backend else None)
+                     state=info.state, capabilities=sorted(info.capabilities),
+                     context_length=info.context_length)
 
 
 def _echoed(body: CompletionRequest, index: int) -> int:

@@ -1,6 +1,6 @@
 """The engine thread's loop for backends that decode many sequences together.
 
-`ModelScheduler` runs this instead of its serial loop when the backend offers a
+`engine.scheduler.ModelScheduler` runs this instead of its serial loop when the backend offers a
 `BatchEngine`. Each turn: take what was queued (generation jobs wait for a free sequence,
 other work runs at once, embedding jobs that arrived together go into one bounded
 `embed` call), retire cancelled or timed-out sequences, admit waiting generations while
@@ -9,20 +9,19 @@ the engine has room, then run one decode step and route its chunks to their jobs
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 import queue
 import time
 from typing import TYPE_CHECKING, Any
 
-from app.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
 from backends.base import Backend, BatchEngine
 from backends.errors import LLMAPIError
+from engine.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
+from engine.jobs import END, Job, deliver
 
 if TYPE_CHECKING:
-    from app.scheduler import Job, ModelScheduler
+    from engine.scheduler import ModelScheduler
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +29,13 @@ log = logging.getLogger(__name__)
 EMBED_BATCH = 64
 
 
-def deliver(items: list[tuple[Job, Any]]) -> None:
-    """Hand items emitted on an engine thread to their jobs: one wake-up per event loop, not
-    one per item (a batching engine emits an item per running sequence per step)."""
-    loop = items[0][0].loop
-    if any(job.loop is not loop for job, _ in items):  # jobs of several loops (tests)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
-        for job, item in items:
-            by_loop.setdefault(job.loop, []).append((job, item))
-    else:
-        by_loop = {loop: items}
-    for loop, batch in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            loop.call_soon_threadsafe(_put_all, batch)
-
-
-def _put_all(items: list[tuple[Job, Any]]) -> None:
-    for job, item in items:
-        job.out.put_nowait(item)
-
-
 class BatchLoop:
     """Drives one model's BatchEngine; every method runs on the engine thread."""
 
-    def __init__(self, scheduler: ModelScheduler, backend: Backend, engine: BatchEngine,
-                 end: object) -> None:
+    def __init__(self, scheduler: ModelScheduler, backend: Backend, engine: BatchEngine) -> None:
         self.s = scheduler
         self.backend = backend
         self.engine = engine
-        self.end = end
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, Job] = {}
         self._next_key = 0
@@ -146,7 +123,7 @@ class BatchLoop:
     def _run_other(self, job: Job) -> None:
         if self._begin(job):
             started = time.monotonic()
-            self._finish(self.s._run(job, self.backend), started)
+            self._finish(self.s.run(job, self.backend), started)
 
     def _embed(self, jobs: list[Job]) -> None:
         """Embed jobs together in bounded groups; a group that fails is retried job by job,
@@ -171,13 +148,13 @@ class BatchLoop:
             vectors = None
         if vectors is None:
             for job in group:
-                self._finish(self.s._run(job, self.backend), started)
+                self._finish(self.s.run(job, self.backend), started)
             return
         at = 0
         for job in group:
             n = len(job.texts or ())
             job.emit(vectors[at:at + n])
-            job.emit(self.end)
+            job.emit(END)
             at += n
             self._finish("completed", started)
 
@@ -236,7 +213,7 @@ class BatchLoop:
             outbox.append((owner, item))
             if item.finish_reason is not None:
                 del running[key]
-                outbox.append((owner, self.end))
+                outbox.append((owner, END))
                 self._finish("completed", owner.started)
             elif item.prompt_tokens is None:
                 stats.tokens_generated += 1
