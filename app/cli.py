@@ -1,4 +1,4 @@
-"""The `llm-api` command: serve, download, keys, usage, --version."""
+"""The `llm-api` command: serve, worker, download, keys, usage, --version."""
 
 from __future__ import annotations
 
@@ -123,6 +123,39 @@ def download(config: ConfigOption = None) -> None:
         typer.echo(f"{entry.name}: {path if path else '(no files needed)'}")
     if not ok:
         raise typer.Exit(1)
+
+
+@cli.command()
+def worker(config: ConfigOption = None,
+           models: Annotated[str | None, typer.Option(
+               help="Comma-separated names of the models to serve; default: every model "
+                    "with placement remote.")] = None) -> None:
+    """Serve models to API servers anywhere: take their jobs from Redis Streams (redis_url)."""
+    from engine.redis_worker import WorkerError, run_worker
+
+    settings = _settings(config)
+    _logging(settings.server.log_level)
+    entries = model_entries(settings)
+    if models:
+        names = [n.strip() for n in models.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {e.name for e in entries}]
+        if unknown:
+            typer.echo(f"error: --models: no model named {', '.join(unknown)} in the config; "
+                       f"configured: {', '.join(e.name for e in entries)}", err=True)
+            raise typer.Exit(2)
+        entries = [e for e in entries if e.name in names]
+    else:
+        entries = [e for e in entries if e.placement == "remote"]
+        if not entries:
+            typer.echo("error: no model has placement remote; name the models to serve with "
+                       "--models", err=True)
+            raise typer.Exit(2)
+    try:
+        run_worker(settings.redis_url, settings.workers, settings.models_dir, entries,
+                   settings.server.graceful_shutdown_seconds)
+    except WorkerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def make_client(entry: ModelEntry, settings: Settings) -> EngineClient:
         from engine.remote import RemoteClient
 
         return RemoteClient(entry.name, limits, settings)
-    return LocalClient(entry, settings.models_dir, limits)
+    return LocalClient(entry.name, limits, settings)
 
 
 class ModelPool:

@@ -180,6 +180,36 @@ class AuthSettings(BaseModel):
         return None
 
 
+class WorkerSettings(BaseModel):
+    """Remote workers (placement: remote): their Redis Streams keys and timings. The API
+    and every `llm-api worker` serving the same models must agree on these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field("llm-api", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                        description="Prefix of every Redis key of the workers' streams (one "
+                        "deployment per prefix).")
+    heartbeat_seconds: float = Field(1.0, gt=0, le=60, description="How often a worker "
+                                     "says it is alive and keeps its running jobs claimed.")
+    dead_after_seconds: float = Field(5.0, gt=0, le=3600, description="A worker silent this "
+                                      "long is dead: its jobs are rerun by another worker.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Workers a job may be started on "
+                              "(a worker died while running it); then it ends with an error.")
+    max_backlog: int | None = Field(None, ge=0, description="Jobs a model may have queued or "
+                                    "running; more get 503 with Retry-After. Default: the "
+                                    "model's max_queue + the slots of its live workers.")
+    result_ttl_seconds: float = Field(300.0, gt=0, description="Seconds an unread result "
+                                      "stream is kept (its reader is gone).")
+    max_connections: int = Field(512, ge=4, le=100_000, description="Redis connections of an "
+                                 "API process for its remote models (one per running job).")
+
+    @model_validator(mode="after")
+    def _dead_after_heartbeats(self) -> WorkerSettings:
+        if self.dead_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("dead_after_seconds must be at least twice heartbeat_seconds")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the server reads from config.yaml and the environment."""
 
@@ -200,6 +230,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="redis://host:6379/0 to share rate-limit "
                                   "and parallel-request counters between replicas; default: "
                                   "in process.")
+    workers: WorkerSettings = Field(default_factory=WorkerSettings,
+                                    description="Remote workers over Redis Streams.")
     models: dict[str, ModelConfig] = Field(default_factory=dict,
                                            description="Served models by name.")
     # The classic single-model form; folded into `models` under a derived name.

@@ -74,6 +74,9 @@ class EngineClient(abc.ABC):
     async def stop(self) -> None:
         """End every job (they get an error), stop the engine, release the transport."""
 
+    async def refresh(self) -> None:
+        """Bring `info` up to date (its stats), when it is kept elsewhere."""
+
     # -- jobs ------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -19,7 +19,6 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
 from engine.client import ModelInfo, Pending, TransportClient
@@ -27,7 +26,7 @@ from engine.errors import EngineRestarted, ModelNotReady
 from engine.jobs import deliver
 from engine.ops import ModelLimits
 from engine.wire import dumps, loads
-from engine.worker import local_main
+from engine.worker import local_main, settings_payload
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +51,16 @@ def describe_exit(code: int | None) -> str:
 class LocalClient(TransportClient):
     placement = "local"
 
-    def __init__(self, entry: Any, models_dir: Path, limits: ModelLimits) -> None:
-        super().__init__(entry.name, limits)
-        self.entry = entry
-        self.models_dir = models_dir
+    def __init__(self, name: str, limits: ModelLimits, settings: Any) -> None:
+        super().__init__(name, limits)
+        self.payload = settings_payload(settings)
         self.process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._stopping = False
         self._again: list[Pending] = []
         self._supervisor: asyncio.Task[None] | None = None
+        self._asked: list[asyncio.Future[None]] = []  # refresh() calls awaiting an answer
 
     @property
     def pid(self) -> int | None:
@@ -89,6 +88,22 @@ class LocalClient(TransportClient):
         self._fail_pending(ModelNotReady(f"Model '{self.name}' is shutting down."))
         self.info.state = "stopped"
 
+    async def refresh(self) -> None:
+        """Ask the worker for its state and stats (it answers from its reader thread, never
+        behind a generation); give up after a second and keep what is known."""
+        if self.info.state not in ("ready", "loading"):
+            return
+        answered = asyncio.get_running_loop().create_future()
+        self._asked.append(answered)
+        try:
+            self._send({"op": "info"})
+            await asyncio.wait_for(answered, 1.0)
+        except (EngineRestarted, TimeoutError):
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                self._asked.remove(answered)
+
     # -- supervision -----------------------------------------------------------------------
 
     async def _supervise(self) -> None:
@@ -96,7 +111,14 @@ class LocalClient(TransportClient):
         backoff = BACKOFF_START
         while not self._stopping:
             ended = asyncio.get_running_loop().create_future()
-            await asyncio.to_thread(self._spawn, ended)
+            try:
+                await asyncio.to_thread(self._spawn, ended)
+            except Exception as exc:  # noqa: BLE001 - reported through /ready and the log
+                log.exception("model %s: the worker process could not be started", self.name)
+                self.info.state = "failed"
+                self.info.error = f"its worker process could not be started ({type(exc).__name__})"
+                self._loaded.set()
+                return
             await ended
             process = self.process
             assert process is not None
@@ -131,7 +153,7 @@ class LocalClient(TransportClient):
         ours, theirs = context.Pipe(duplex=True)
         process = context.Process(
             target=local_main, name=f"llm-api-worker-{self.name}", daemon=True,
-            args=(theirs, self.entry, self.models_dir, logging.getLogger().getEffectiveLevel()))
+            args=(theirs, self.payload, self.name, logging.getLogger().getEffectiveLevel()))
         process.start()
         theirs.close()
         self.process, self._conn = process, ours
@@ -151,6 +173,8 @@ class LocalClient(TransportClient):
                     self.route(message["items"])
                 elif message.get("op") == "state":
                     self._state(ModelInfo.from_dict(message["info"]))
+                    if message.get("reply"):
+                        loop.call_soon_threadsafe(self._answered)
         finally:
             conn.close()
             with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
@@ -172,6 +196,11 @@ class LocalClient(TransportClient):
         if reported.state == "ready" and self._again:
             again, self._again = self._again, []
             self.resend(again)
+
+    def _answered(self) -> None:
+        for future in self._asked:
+            if not future.done():
+                future.set_result(None)
 
     # -- sending ---------------------------------------------------------------------------
 

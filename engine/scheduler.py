@@ -163,9 +163,15 @@ class ModelScheduler:
             outcome = self.run(job, backend)
             with self._lock:
                 self._current = None
-                self.stats.running -= 1
-                self.stats.busy_seconds += time.monotonic() - started
-                setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+                self.count(job, outcome, started)
+
+    def count(self, job: Job, outcome: str, started: float) -> None:
+        """A job ran (under `_lock`): requests are counted by outcome; a call (tokenizing
+        on the engine thread, for a backend that must) only as busy time."""
+        self.stats.running -= 1
+        self.stats.busy_seconds += time.monotonic() - started
+        if job.request is not None or job.texts is not None:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
     def run(self, job: Job, backend: Backend) -> str:
         """Run a job's work to its end on this thread; its outcome's stats name."""

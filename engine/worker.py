@@ -2,8 +2,8 @@
 the API process that spawned it.
 
 Messages are JSON (`engine.wire`). From the API: `{"op": "job", ...}` (see
-`engine.host.ModelHost.open`), `{"op": "cancel", "id"}`, `{"op": "stop"}`. To the API:
-`{"op": "state", "info"}` when the model's state changes, and `{"op": "items", "items"}`:
+`engine.host.ModelHost.open`), `{"op": "cancel", "id"}`, `{"op": "info"}`, `{"op": "stop"}`. To the API:
+`{"op": "state", "info"}` when the model's state changes or when asked, and `{"op": "items", "items"}`:
 the items of one decode step, of every job it advanced, in one message.
 """
 
@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from engine.host import Batch, HostSink, ModelHost
@@ -35,10 +34,26 @@ def limits_of(entry: Any) -> ModelLimits:
                        grammar=GrammarLimits(entry.max_grammar_repeat, entry.max_grammar_bytes))
 
 
-def local_main(conn: Connection, entry: Any, models_dir: Path, log_level: int) -> None:
-    """Serve `entry`'s model over `conn` until told to stop or the API process is gone."""
+def settings_payload(settings: Any) -> dict[str, Any]:
+    """What a worker needs of the server's settings, as plain data (`entry_of` rebuilds
+    them): the models and the server's limits, no secrets (keys, database URLs)."""
+    payload: dict[str, Any] = settings.model_dump(
+        mode="json", exclude_unset=True, include={"models_dir", "server", "models"})
+    return payload
+
+
+def entry_of(payload: dict[str, Any], name: str) -> Any:
+    """Model `name`'s config entry, resolved in this process (its family's class too)."""
+    from app.settings import Settings, model_entries
+
+    settings = Settings(**payload)
+    return next(e for e in model_entries(settings) if e.name == name), settings.models_dir
+
+
+def local_main(conn: Connection, payload: dict[str, Any], name: str, log_level: int) -> None:
+    """Serve model `name` over `conn` until told to stop or the API process is gone."""
     logging.basicConfig(level=log_level,
-                        format=f"%(levelname)s [worker {entry.name} pid {os.getpid()}] "
+                        format=f"%(levelname)s [worker {name} pid {os.getpid()}] "
                                "%(name)s: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when this one stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -50,6 +65,16 @@ def local_main(conn: Connection, entry: Any, models_dir: Path, log_level: int) -
         data = dumps(message)
         with lock:
             conn.send_bytes(data)
+
+    try:
+        entry, models_dir = entry_of(payload, name)
+    except Exception as exc:  # noqa: BLE001 - the API reports it; restarting will not help
+        log.exception("the worker could not read its settings")
+        send({"op": "state", "info": {"state": "failed", "error": (
+            f"its worker process could not read the settings ({type(exc).__name__})")}})
+        with contextlib.suppress(EOFError, OSError):
+            conn.recv_bytes()  # until the API process stops it
+        return
 
     def post(batch: Batch) -> None:
         send({"op": "items", "items": batch})
@@ -69,6 +94,8 @@ def local_main(conn: Connection, entry: Any, models_dir: Path, log_level: int) -
                 host.open(sink, message)
             elif op == "cancel":
                 host.cancel(str(message["id"]))
+            elif op == "info":
+                send({"op": "state", "info": host.info(), "reply": True})
             elif op == "stop":
                 break
     finally:

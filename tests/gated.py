@@ -46,7 +46,7 @@ class Gate:
 
     def model(self, before_gate: int = 1) -> dict[str, Any]:
         """This gate's model, as a `models:` entry of a config."""
-        return {"model_family": "gated",
+        return {"model_family": "gated", "placement": "inprocess",  # the gate is in this process
                 "model_params": {"gate": self.name, "before_gate": before_gate}}
 
     def open_all(self) -> None:

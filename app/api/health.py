@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -56,6 +57,7 @@ async def health() -> dict[str, str]:
 async def ready(pool: PoolDep) -> JSONResponse:
     """200 once every model is loaded, else 503; lists each model's state and load."""
     models: list[dict[str, Any]] = []
+    await asyncio.gather(*(client.refresh() for client in pool.clients.values()))
     for name, client in pool.clients.items():
         info = client.info
         stats = info.stats

@@ -7,12 +7,21 @@ gives it back: a request the model refuses still cost its turn. tpm counts the t
 reserved at admission (prompt + max_tokens), corrected to the real count when the request
 ends; max_parallel counts the generations running. The counters live in this process
 (`LocalLimiter`) or, with `redis_url`, in Redis (`RedisLimiter`) so that replicas share them.
+
+In Redis, each replica keeps its own share of a key's running requests (one hash field per
+replica) and a liveness deadline it renews while it holds any; a replica that dies (kill -9,
+OOM, a lost host) never settles its requests, and its share stops counting once its deadline
+has passed (LIVENESS_SECONDS), instead of holding the key's slots until the counter expires.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,7 +30,11 @@ from app.auth.schemas import KeyInfo
 from app.errors import RateLimited
 
 WINDOW_SECONDS = 60
-PARALLEL_TTL = 3600  # (Redis) a crashed replica's in-flight counts expire after an idle hour
+log = logging.getLogger(__name__)
+
+PARALLEL_TTL = 3600  # (Redis) a key's running counts, untouched this long, are dropped
+LIVENESS_SECONDS = 10.0  # (Redis) a replica not heard from this long holds no parallel slots
+HEARTBEAT_EVERY = LIVENESS_SECONDS / 4
 
 
 @dataclass
@@ -131,18 +144,38 @@ class LocalLimiter:
         return None
 
 
-# ARGV: max_parallel, rpm, tpm (-1: not checked), tokens, the TTLs, 1 to count a request
-_ACQUIRE = """
+# Redis's clock in ms (one clock for every replica's liveness deadline)
+_NOW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+"""
+
+# KEYS: running (hash: replica -> count), rpm, tpm, replicas (zset: replica -> deadline)
+# ARGV: max_parallel, rpm, tpm (-1: not checked), tokens, the TTLs, 1 to count a request,
+# this replica, its liveness (ms)
+_ACQUIRE = _NOW + """
 local par_max, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens, count = tonumber(ARGV[4]), ARGV[7] == '1'
-local par = tonumber(redis.call('GET', KEYS[1]) or '0')
-if par_max >= 0 and par >= par_max then return {1, par} end
+local tokens, count, me = tonumber(ARGV[4]), ARGV[7] == '1', ARGV[8]
+local par = 0
+if par_max >= 0 then
+  local held = redis.call('HGETALL', KEYS[1])
+  for i = 1, #held, 2 do
+    local deadline = tonumber(redis.call('ZSCORE', KEYS[4], held[i]) or '0')
+    if held[i] == me or deadline > now then
+      par = par + tonumber(held[i + 1])
+    else
+      redis.call('HDEL', KEYS[1], held[i])  -- a dead replica's share
+    end
+  end
+  if par >= par_max then return {1, par} end
+end
 local req = tonumber(redis.call('GET', KEYS[2]) or '0')
 if count and rpm >= 0 and req + 1 > rpm then return {2, req} end
 local tok = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tpm >= 0 and tok + tokens > tpm then return {3, tok} end
 if par_max >= 0 then
-  redis.call('INCR', KEYS[1])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[9]), me)
+  redis.call('HINCRBY', KEYS[1], me, 1)
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 if count then
@@ -156,6 +189,24 @@ end
 return {0, 0}
 """
 
+# KEYS: running, rpm, tpm; ARGV: this replica, 1 to release its slot, 1 to give the request
+# back, the token correction, the window TTL. A share dropped meanwhile (this replica was
+# taken for dead) is not taken below 0.
+_FINISH = """
+if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+if ARGV[3] == '1' then redis.call('DECR', KEYS[2]) end
+redis.call('INCRBY', KEYS[3], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+"""
+
+# KEYS: replicas; ARGV: this replica, its liveness (ms). Also forgets replicas long dead.
+_HEARTBEAT = _NOW + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
+"""
+
 
 class RedisLimiter:
     """Counters in Redis, checked and counted by one Lua script (atomic across replicas)."""
@@ -167,11 +218,31 @@ class RedisLimiter:
         self.clock = clock
         self.namespace = namespace
         self.client: Any = redis.Redis.from_url(url)
+        self.replica = uuid.uuid4().hex  # this process's share of the running counts
+        self.replicas = f"{namespace}:replicas"
         self._acquire = self.client.register_script(_ACQUIRE)
+        self._finish = self.client.register_script(_FINISH)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._beating: asyncio.Task[None] | None = None
 
     def _names(self, slot: str, window: int) -> list[str]:
         base = f"{self.namespace}:{slot}"
-        return [f"{base}:parallel", f"{base}:rpm:{window}", f"{base}:tpm:{window}"]
+        return [f"{base}:running", f"{base}:rpm:{window}", f"{base}:tpm:{window}"]
+
+    def _keep_alive(self) -> None:
+        """Renew this replica's liveness from now on (it holds running requests)."""
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        liveness = round(LIVENESS_SECONDS * 1000)
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY)
+            try:
+                await self._heartbeat(keys=[self.replicas], args=[self.replica, liveness])
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next beat retries
+                log.warning("could not renew this replica's liveness in Redis: %s",
+                            type(exc).__name__)
 
     async def count_request(self, key: KeyInfo) -> None:
         """Count one HTTP request against rpm (429 when the window is full)."""
@@ -194,27 +265,30 @@ class RedisLimiter:
             return -1 if limit is None else limit
 
         kind, used = await self._acquire(
-            keys=self._names(slot, window),
+            keys=[*self._names(slot, window), self.replicas],
             args=[arg(parallel), arg(key.rpm), arg(tpm), tokens, PARALLEL_TTL,
-                  2 * WINDOW_SECONDS, int(request)])
+                  2 * WINDOW_SECONDS, int(request), self.replica,
+                  round(LIVENESS_SECONDS * 1000)])
         if kind:
             raise rejection(int(kind), int(used), key, tokens, now)
+        if parallel is not None:
+            self._keep_alive()
         return Grant(slot, window, tokens, parallel is not None, request)
 
     async def finish(self, grant: Grant, used_tokens: int, rollback: bool = False) -> None:
         if grant.slot is None:
             return
-        parallel, requests, tokens = self._names(grant.slot, grant.window)
-        async with self.client.pipeline(transaction=True) as pipe:
-            if grant.parallel:
-                pipe.decr(parallel)
-            if rollback and grant.request:
-                pipe.decr(requests)
-            pipe.incrby(tokens, -grant.tokens if rollback else used_tokens - grant.tokens)
-            pipe.expire(tokens, 2 * WINDOW_SECONDS)
-            await pipe.execute()
+        delta = -grant.tokens if rollback else used_tokens - grant.tokens
+        await self._finish(keys=self._names(grant.slot, grant.window), args=[
+            self.replica, int(grant.parallel), int(rollback and grant.request), delta,
+            2 * WINDOW_SECONDS])
 
     async def close(self) -> None:
+        beating, self._beating = self._beating, None
+        if beating is not None and not beating.done():
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
         await self.client.aclose()
 
 

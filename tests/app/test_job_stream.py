@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from app.errors import RequestTimeout
-from app.scheduler import _END, Job, JobStream
+from engine.jobs import END as _END
+from engine.jobs import Job, JobStream
 from backends.base import Chunk
 
 
@@ -27,7 +28,8 @@ class Recording(JobStream):
 
 
 def stream_of(items: list[Any]) -> Recording:
-    job = Job(work=lambda backend: iter(()), loop=asyncio.get_running_loop(), deadline=1e18)
+    job = Job.on_loop(1e9)
+    assert job.out is not None
     for item in items[1:]:
         job.out.put_nowait(item)
     return Recording(job, items[0])

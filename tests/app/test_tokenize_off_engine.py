@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.scheduler import ModelScheduler
+from engine.inprocess import InProcessClient
+from engine.scheduler import ModelScheduler
 from backends.base import Backend
 from tests.auth.conftest import ADMIN, ADMIN_KEY, bearer
 from tests.conftest import FIXTURES, TINY_GGUF, LiveServer, assert_error, parse_sse
@@ -39,6 +40,7 @@ def server(request: pytest.FixtureRequest,
     """One model of each family that tokenizes, auth on (keys with token quotas make
     admission count the prompt's tokens)."""
     config = {"auth": {"enabled": True, "admin_key": ADMIN_KEY},
+              "server": {"placement": "inprocess"},
               "models": {"tiny": FAMILIES[request.param]}}
     live = LiveServer(config, tmp_path_factory.mktemp(request.param)).start()
     yield live
@@ -55,8 +57,9 @@ def quota_key(server: LiveServer) -> dict[str, str]:
 
 
 def scheduler_of(server: LiveServer) -> ModelScheduler:
-    scheduler: ModelScheduler = server.app.state.pool.schedulers["tiny"]
-    return scheduler
+    client = server.app.state.pool.clients["tiny"]
+    assert isinstance(client, InProcessClient)  # the test watches the backend's threads
+    return client.scheduler
 
 
 @dataclass
@@ -140,7 +143,7 @@ def test_the_choices_of_one_prompt_are_tokenized_once(server: LiveServer, record
 
 def test_an_over_long_prompt_is_refused_before_tokenizing(server: LiveServer,
                                                           recorder: Recorder) -> None:
-    limit = scheduler_of(server).prompt_chars_per_token * N_CTX
+    limit = server.app.state.pool.clients["tiny"].limits.prompt_chars_per_token * N_CTX
     response = server.client.post("/generate", headers=ADMIN,
                                   json={"prompt": "x" * (limit + 1)})
     assert_error(response, 400, "context_length_exceeded",

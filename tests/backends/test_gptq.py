@@ -37,7 +37,9 @@ CPU = {"device_map": "cpu", "n_threads": 2}
 def server(hf_hub: FakeHub, module_env: pytest.MonkeyPatch,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("gptq")
-    config = {"models_dir": str(root / "models"), "models": {
+    config = {"models_dir": str(root / "models"),
+              "server": {"placement": "inprocess"},  # tests look at the loaded backend
+              "models": {
         "q": {"model_family": "gptq", "setup_params": {"repo_id": GPTQ_REPO},
               "model_params": CPU, "default_max_tokens": 16},
         # an AutoGPTQ-era config: the old family name, filename, wbits and group_size

@@ -293,7 +293,8 @@ def test_a_thousand_mixed_requests_leave_no_orphans(engine: LlamaBatchEngine) ->
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    config = {"models": {"tiny": {**tiny_config(n_ctx=512, parallel=4, prompt_chunk=32),
+    config = {"server": {"placement": "inprocess"},  # tests reach into its engine
+              "models": {"tiny": {**tiny_config(n_ctx=512, parallel=4, prompt_chunk=32),
                                   "default_max_tokens": 16}}}
     live = LiveServer(config, tmp_path_factory.mktemp("batch")).start()
     yield live
@@ -301,7 +302,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def server_engine(server: LiveServer) -> LlamaBatchEngine:
-    backend = server.app.state.pool.schedulers["tiny"].backend
+    backend = server.app.state.pool.clients["tiny"].backend
     engine = backend.batch_engine()
     assert isinstance(engine, LlamaBatchEngine)
     return engine

@@ -8,12 +8,19 @@ The script is the prompt (for chat: the last message's content):
 - `endless`: yields "tick " every `pace` seconds (model_params, default 0.02) up to
   max_tokens; when the stream is closed before that, the log says so (a test's server-side
   evidence that a cancellation reached the engine);
+- `crash after N`: yields "tick " N times, then the process dies of SIGSEGV, as a fault in
+  native code would end it, unless the file `model_params.crash_marker` exists (the
+  script crashes once per marker: a rerun completes). Only for a model in a worker process;
 - anything else: the text itself, as one piece.
+
+`model_params.crash_on_load: true` makes loading end the process the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
@@ -42,8 +49,19 @@ SECRET = "secret internal detail at /srv/models"
 CLOSED_EARLY = "scripted stream closed after %d of %d pieces"
 
 
+CRASH_AFTER = "crash after "
+
+
 class ScriptedParams(ModelParams):
     pace: float = Field(0.02, gt=0, le=1, description="Seconds between `endless` pieces.")
+    crash_on_load: bool = False
+    crash_marker: str | None = None
+
+
+def _crash() -> None:
+    """End this process the way a segfault in native code does."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(10)  # the signal is on its way
 
 
 class ScriptedBackend(Backend):
@@ -52,13 +70,16 @@ class ScriptedBackend(Backend):
     weights: ClassVar[str | None] = None
     capabilities = frozenset({GENERATE, CHAT})
 
-    def __init__(self, pace: float) -> None:
+    def __init__(self, pace: float, crash_marker: str | None = None) -> None:
         self.pace = pace
+        self.crash_marker = crash_marker
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Backend:
         assert isinstance(spec.params, ScriptedParams)
-        return cls(spec.params.pace)
+        if spec.params.crash_on_load:
+            _crash()
+        return cls(spec.params.pace, spec.params.crash_marker)
 
     def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
         return "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
@@ -73,8 +94,23 @@ class ScriptedBackend(Backend):
         if script == ENDLESS:
             yield from self._endless(request.params.max_tokens or 1_000_000)
             return
+        if script.startswith(CRASH_AFTER):
+            yield from self._crash_after(int(script.removeprefix(CRASH_AFTER)))
+            return
         yield Chunk(text=script)
         yield Chunk(finish_reason="stop", prompt_tokens=0, completion_tokens=1)
+
+    def _crash_after(self, count: int) -> Iterator[Chunk]:
+        for _ in range(count):
+            yield Chunk(text="tick ")
+            time.sleep(self.pace)
+        marker = self.crash_marker
+        if marker is None or not os.path.exists(marker):
+            if marker is not None:
+                open(marker, "w").close()  # noqa: SIM115 - the next run completes
+            _crash()
+        yield Chunk(text="done")
+        yield Chunk(finish_reason="stop", prompt_tokens=0, completion_tokens=count + 1)
 
     def _endless(self, limit: int) -> Iterator[Chunk]:
         sent = 0
