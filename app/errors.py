@@ -24,15 +24,13 @@ from backends.errors import (
     LLMAPIError,
     ModelLoadError,
 )
-from engine.errors import (  # noqa: F401 - raised by the engine, mapped here
-    ClientDisconnected,
-    EngineRestarted,
-    ModelNotReady,
-    NoWorkers,
-    Overloaded,
-    RequestTimeout,
-    as_domain_error,
-)
+from engine.errors import ClientDisconnected as ClientDisconnected  # the engine's, mapped here
+from engine.errors import EngineRestarted as EngineRestarted
+from engine.errors import ModelNotReady as ModelNotReady
+from engine.errors import NoWorkers as NoWorkers
+from engine.errors import Overloaded as Overloaded
+from engine.errors import RequestTimeout as RequestTimeout
+from engine.errors import as_domain_error as as_domain_error
 
 log = logging.getLogger(__name__)
 

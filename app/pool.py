@@ -6,14 +6,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 from app.errors import ModelNotFound
 from app.settings import ModelEntry, Settings
 from engine.client import EngineClient
 from engine.inprocess import InProcessClient
 from engine.loading import load_model
-from engine.local import LocalClient
+from engine.local import LocalClient, preload
 from engine.worker import limits_of
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,7 @@ class ModelPool:
 
     def __init__(self, entries: list[ModelEntry], settings: Settings) -> None:
         self.entries = {e.name: e for e in entries}
+        preload(e.backend.__module__ for e in entries if e.placement == "local")
         self.clients: dict[str, EngineClient] = {
             e.name: make_client(e, settings) for e in entries}
 

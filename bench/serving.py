@@ -52,8 +52,12 @@ from serving_systems import (  # noqa: E402
 )
 
 OURS, CPP, LCP = "llm-api", "llama-server", "llama-cpp-python"
+#: llm-api with the model in the API process (placement: inprocess), the engine seam's
+#: baseline: `llm-api` itself runs it in a local worker process (the default).
+INPROCESS = "llm-api-inprocess"
 STARTERS: dict[str, Callable[[Settings], Running]] = {
-    OURS: start_llm_api, CPP: start_llama_server, LCP: start_llama_cpp_python}
+    OURS: start_llm_api, CPP: start_llama_server, LCP: start_llama_cpp_python,
+    INPROCESS: lambda settings: start_llm_api(settings, placement="inprocess")}
 TEXT = "the quick brown fox jumps over the lazy dog and then"
 Metrics = dict[str, float]
 
@@ -281,8 +285,10 @@ def report(data: dict[str, Any], results_json: Path) -> None:
     if data.get("llama"):
         systems = list(data["llama"])
         print("\n## llama.cpp (same GGUF)\n\n" + llama_table(data["llama"], systems))
-        if CPP in systems and OURS in systems:
-            print("\n## paired (back-to-back runs)\n\n" + paired_table([data["llama"]]))
+        for base in (CPP, INPROCESS):
+            if base in systems and OURS in systems:
+                print(f"\n## paired with {base} (back-to-back runs)\n\n"
+                      + paired_table([data["llama"]], base))
     if data.get("hf"):
         print("\n## transformers (8 concurrent requests)\n\n" + hf_table(data["hf"]))
     drawn = plot(results_json, results_json.with_suffix(".png")) if data.get("llama") else \

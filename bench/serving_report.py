@@ -64,18 +64,18 @@ def llama_table(samples: Samples, systems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(runs: Sequence[Samples]) -> str:
+def paired_table(runs: Sequence[Samples], base: str = CPP) -> str:
     """llm-api ÷ llama-server pooled over back-to-back pairs of one or more results: run i of
     a metric on llm-api and run i on llama-server were made one after the other (same round,
     same repetition), so their ratio is free of the machine's slower and faster spells. The
     median of every pair's ratio over all `runs`, with the lowest and highest pair."""
-    lines = [f"| metric | {OURS} ÷ {CPP}, median of pairs | lowest–highest pair | pairs |",
+    lines = [f"| metric | {OURS} ÷ {base}, median of pairs | lowest–highest pair | pairs |",
              "|---|---|---|---|"]
     metrics = list(dict.fromkeys(k for run in runs for k in run.get(OURS, {})))
     for metric in metrics:
         ratios = [a / b for run in runs
                   for a, b in zip(run.get(OURS, {}).get(metric, []),
-                                  run.get(CPP, {}).get(metric, []), strict=False) if b]
+                                  run.get(base, {}).get(metric, []), strict=False) if b]
         if ratios:
             lines.append(f"| {metric} | {statistics.median(ratios):.3f}× | "
                          f"{min(ratios):.2f}–{max(ratios):.2f}× | {len(ratios)} |")

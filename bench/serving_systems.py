@@ -118,23 +118,24 @@ def llama_knows_parallel() -> bool:
 
 
 def llm_api_config(family: str, model_params: dict[str, Any], model: Path,
-                   workdir: Path) -> Path:
-    config = workdir / f"llm-api-{family}.yaml"
+                   workdir: Path, placement: str = "local") -> Path:
+    config = workdir / f"llm-api-{family}-{placement}.yaml"
     config.write_text(yaml.safe_dump({
         "auth": {"enabled": False}, "data_dir": str(workdir / "data"),
-        "server": {"max_queue": 64, "log_level": "warning"},
+        "server": {"max_queue": 64, "log_level": "warning", "placement": placement},
         "models": {"bench": {"model_family": family, "setup_params": {"model_path": str(model)},
                              "model_params": model_params}}}))
     return config
 
 
 def start_llm_api(settings: Settings, family: str = "llama",
-                  model_params: dict[str, Any] | None = None) -> Running:
+                  model_params: dict[str, Any] | None = None,
+                  placement: str = "local") -> Running:
     if model_params is None:
         model_params = {"n_ctx": settings.n_ctx, "n_threads": settings.threads,
                         "n_threads_batch": settings.threads, **settings.extra}
-    config = llm_api_config(family, model_params, settings.model, settings.workdir)
+    config = llm_api_config(family, model_params, settings.model, settings.workdir, placement)
     port = free_port()
     exe = Path(sys.executable).parent / "llm-api"
     argv = [str(exe), "serve", "--config", str(config), "--port", str(port)]
-    return _launch(f"llm-api-{family}", argv, "/ready", port, settings)
+    return _launch(f"llm-api-{family}-{placement}", argv, "/ready", port, settings)

@@ -74,7 +74,7 @@ class EngineClient(abc.ABC):
     async def stop(self) -> None:
         """End every job (they get an error), stop the engine, release the transport."""
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> None:  # noqa: B027 - optional: most clients have it at hand
         """Bring `info` up to date (its stats), when it is kept elsewhere."""
 
     # -- jobs ------------------------------------------------------------------------------

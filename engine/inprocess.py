@@ -24,7 +24,7 @@ class InProcessClient(EngineClient):
         super().__init__(name, limits)
         self.scheduler = ModelScheduler(name, loader, max_queue=limits.max_queue)
 
-    @property  # type: ignore[override]
+    @property
     def info(self) -> ModelInfo:
         s = self.scheduler
         backend = s.backend

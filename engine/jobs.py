@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from backends.base import Backend, GenerationRequest
 from engine.errors import RequestTimeout
 
+
 class _End:
     def __repr__(self) -> str:
         return "END"

@@ -2,9 +2,10 @@
 the API process that spawned it.
 
 Messages are JSON (`engine.wire`). From the API: `{"op": "job", ...}` (see
-`engine.host.ModelHost.open`), `{"op": "cancel", "id"}`, `{"op": "info"}`, `{"op": "stop"}`. To the API:
-`{"op": "state", "info"}` when the model's state changes or when asked, and `{"op": "items", "items"}`:
-the items of one decode step, of every job it advanced, in one message.
+`engine.host.ModelHost.open`), `{"op": "cancel", "id"}`, `{"op": "info"}`, `{"op": "stop"}`.
+To the API: `{"op": "state", "info"}` when the model's state changes or when asked, and
+`{"op": "items", "items"}`: the items of one decode step, of every job it advanced, in one
+message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -50,9 +52,21 @@ def entry_of(payload: dict[str, Any], name: str) -> Any:
     return next(e for e in model_entries(settings) if e.name == name), settings.models_dir
 
 
-def local_main(conn: Connection, payload: dict[str, Any], name: str, log_level: int) -> None:
+@dataclass(frozen=True)
+class Where:
+    """The API process's environment, directory and log level, for its worker to take."""
+
+    env: dict[str, str]
+    cwd: str
+    log_level: int
+
+
+def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Where) -> None:
     """Serve model `name` over `conn` until told to stop or the API process is gone."""
-    logging.basicConfig(level=log_level,
+    os.environ.clear()
+    os.environ.update(where.env)
+    os.chdir(where.cwd)
+    logging.basicConfig(level=where.log_level,
                         format=f"%(levelname)s [worker {name} pid {os.getpid()}] "
                                "%(name)s: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when this one stops.

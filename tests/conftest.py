@@ -20,6 +20,10 @@ import yaml
 from app.http import server_config
 from app.main import create_app
 from app.settings import SettingsError, load_settings
+from engine.local import preload
+
+# Every test server's model workers fork from one server that imported these once.
+preload(["backends.llama", "backends.hf"])
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_GGUF = FIXTURES / "tiny-llama-q8_0.gguf"

@@ -18,7 +18,6 @@ from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
 from app.errors import ClientDisconnected, InvalidParams, as_domain_error, sse_error
 from app.json_body import BodyNotJSON, JSONBodyRoute, parse_body
-from engine.jobs import JobStream
 from app.schemas import EmbeddingsRequest, GenerateRequest
 from app.schemas_queue import (
     DetokenizeRequest,
@@ -29,6 +28,7 @@ from app.schemas_queue import (
 )
 from app.sse import EventStream, data_event
 from backends.base import GenerationRequest
+from engine.jobs import JobStream
 
 router = APIRouter(tags=["native"], route_class=JSONBodyRoute)
 log = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ from app.responses_openai import (
     new_id,
     now,
 )
-from engine.jobs import JobStream
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.sse import EventStream, data_event
 from backends.base import Chunk
+from engine.jobs import JobStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 log = logging.getLogger(__name__)
