@@ -61,8 +61,8 @@ def _assert_server_service(service: dict[str, Any], dockerfile: str) -> None:
 def test_compose_services_are_what_the_readme_says() -> None:
     cpu = _compose("docker-compose.yaml")
     _assert_server_service(cpu["services"]["llm-api"], "Dockerfile")
-    assert cpu["services"]["postgres"]["profiles"] == ["postgres"]
-    assert cpu["services"]["redis"]["profiles"] == ["postgres"]
+    assert cpu["services"]["postgres"]["profiles"] == ["postgres", "scale"]
+    assert cpu["services"]["redis"]["profiles"] == ["postgres", "scale"]
     assert "llm-api" not in [p for s in cpu["services"].values() for p in s.get("profiles", [])]
     gpu = _compose("docker-compose.gpu.yaml")
     service = gpu["services"]["llm-api"]
@@ -74,6 +74,50 @@ def test_compose_services_are_what_the_readme_says() -> None:
                   "docker compose -f docker-compose.gpu.yaml up", "`/health`",
                   "postgresql+psycopg://llm:llm@postgres:5432/llm"]:
         assert words in README, f"README's Docker section should say {words!r}"
+
+
+def test_scale_profile_runs_replicas_and_workers_on_one_store_and_redis() -> None:
+    """Profile scale: two API replicas and N workers, one image, one config, the same
+    Postgres and Redis; the models run on the workers (placement remote)."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    services = _compose("docker-compose.yaml")["services"]
+    scale = {name for name, s in services.items() if "scale" in s.get("profiles", [])}
+    assert scale == {"postgres", "redis", "api-1", "api-2", "worker"}
+    replicas, worker = [services["api-1"], services["api-2"]], services["worker"]
+    single = services["llm-api"]
+    for service in [*replicas, worker]:
+        assert (service["build"], service["image"]) == (single["build"], single["image"])
+        assert service["environment"]["LLM_API_SERVER__PLACEMENT"] == "remote"
+        assert "./config.yaml:/config/config.yaml:ro" in service["volumes"]
+        assert service["command"][1:] == ["--config", "/config/config.yaml"]
+        for store in ("postgres", "redis"):
+            assert service["depends_on"][store] == {"condition": "service_healthy"}
+        assert service["restart"] == "unless-stopped"
+        # the command line is one the CLI accepts (--help: parse only, run nothing)
+        parsed = CliRunner().invoke(cli, [*service["command"], "--help"])
+        assert parsed.exit_code == 0, parsed.output
+    assert [s["command"][0] for s in replicas] == ["serve", "serve"]
+    assert worker["command"][0] == "worker"
+    urls = {(s["environment"]["LLM_API_DATABASE_URL"], s["environment"]["LLM_API_REDIS_URL"])
+            for s in [*replicas, worker]}
+    assert len(urls) == 1, "every replica and worker must use the same store and Redis"
+    database, redis = urls.pop()
+    postgres = services["postgres"]["environment"]
+    assert database.startswith(f"postgresql+psycopg://{postgres['POSTGRES_USER']}:")
+    assert database.endswith(f"@postgres:5432/{postgres['POSTGRES_DB']}")
+    assert redis == "redis://redis:6379/0"
+    exposed = _runtime("Dockerfile").one("EXPOSE")
+    ports = [p for s in replicas for p in s["ports"]]
+    assert len(set(ports)) == 2 and all(p.endswith(f":{exposed}") for p in ports)
+    assert "ports" not in worker  # workers take jobs from Redis; nothing connects to them
+    assert worker["deploy"]["replicas"] >= 2
+    assert "./models:/models" in worker["volumes"]
+    # the image's HEALTHCHECK probes /health over HTTP, which a worker does not serve
+    assert "/health" in _runtime("Dockerfile").one("HEALTHCHECK")
+    assert worker["healthcheck"] == {"disable": True}
 
 
 def _runtime(name: str) -> Stage:
