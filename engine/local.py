@@ -28,7 +28,7 @@ from engine.errors import EngineRestarted, ModelNotReady
 from engine.jobs import deliver
 from engine.ops import ModelLimits
 from engine.wire import dumps, loads
-from engine.worker import Where, local_main, settings_payload
+from engine.worker import Where, local_main, log_record, settings_payload
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,9 @@ class LocalClient(TransportClient):
                     break
                 if message.get("op") == "items":
                     self.route(message["items"])
+                elif message.get("op") == "log":
+                    record = log_record(self.name, message)
+                    logging.getLogger(record.name).handle(record)
                 elif message.get("op") == "state":
                     self._state(ModelInfo.from_dict(message["info"]))
                     if message.get("reply"):

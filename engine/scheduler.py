@@ -236,7 +236,8 @@ class ModelScheduler:
             return
 
         def run() -> None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its reader is gone; the end frees the job's entry
+                job.emit(ClientDisconnected("The request was cancelled before it ran."))
                 return
             try:
                 result = fn(backend)

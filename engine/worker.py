@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -61,14 +62,41 @@ class Where:
     log_level: int
 
 
+_FORMAT = logging.Formatter()
+
+
+class PipeLogHandler(logging.Handler):
+    """Sends the worker's log records to the API process, which logs them as its own (one
+    log for the server, whatever its handlers and format)."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            error = _FORMAT.formatException(record.exc_info) if record.exc_info else None
+            self.send({"op": "log", "name": record.name, "level": record.levelno,
+                       "message": record.getMessage(), "error": error})
+        except Exception:  # noqa: BLE001 - the API process is gone
+            self.handleError(record)
+
+
+def log_record(model: str, message: dict[str, Any]) -> logging.LogRecord:
+    """A log record sent by model `model`'s worker, as the API process logs it."""
+    level = int(message.get("level", logging.INFO))
+    return logging.makeLogRecord({
+        "name": str(message.get("name", "engine")), "levelno": level,
+        "levelname": logging.getLevelName(level),
+        "msg": f"[worker {model}] {message.get('message', '')}",
+        "exc_text": message.get("error")})
+
+
 def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Where) -> None:
     """Serve model `name` over `conn` until told to stop or the API process is gone."""
     os.environ.clear()
     os.environ.update(where.env)
     os.chdir(where.cwd)
-    logging.basicConfig(level=where.log_level,
-                        format=f"%(levelname)s [worker {name} pid {os.getpid()}] "
-                               "%(name)s: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when this one stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from engine.loading import load_model
@@ -79,6 +107,10 @@ def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Wher
         data = dumps(message)
         with lock:
             conn.send_bytes(data)
+
+    root = logging.getLogger()
+    root.handlers[:] = [PipeLogHandler(send)]
+    root.setLevel(where.log_level)
 
     try:
         entry, models_dir = entry_of(payload, name)
