@@ -32,7 +32,7 @@ from engine.worker import Where, local_main, log_record, settings_payload
 
 log = logging.getLogger(__name__)
 
-#: Seconds before the first restart; doubled after each failure, up to BACKOFF_MAX.
+#: Seconds before a restart; doubled by each failure within FAILURE_WINDOW, up to BACKOFF_MAX.
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 #: A worker that stops this many times within FAILURE_WINDOW seconds is marked failed.
@@ -128,7 +128,6 @@ class LocalClient(TransportClient):
 
     async def _supervise(self) -> None:
         failures: collections.deque[float] = collections.deque()
-        backoff = BACKOFF_START
         while not self._stopping:
             ended = asyncio.get_running_loop().create_future()
             try:
@@ -164,8 +163,8 @@ class LocalClient(TransportClient):
                 return
             self.info.state, self.info.error = "restarting", why
             self._again = again
-            await asyncio.sleep(backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
+            # doubled by each recent failure
+            await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_START * 2 ** (len(failures) - 1)))
 
     def _spawn(self, ended: asyncio.Future[None]) -> None:
         """Start a worker and the thread that reads it (in a thread: spawning takes a while)."""

@@ -181,3 +181,23 @@ def test_kill_9_mid_stream_sampled_ends_with_an_error_frame(tiny_worker: LiveSer
         "model": "tiny", "prompt": "Hello", "max_tokens": 4})
     assert response.status_code == 200, response.text
 
+
+
+def test_while_restarting_ready_says_so_and_requests_get_503(
+        scripted: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.local, "BACKOFF_START", 3.0)
+    response = scripted.client.post("/v1/chat/completions", json={
+        "model": "s", "messages": [{"role": "user", "content": "crash after 0"}],
+        "temperature": 1.0})
+    assert_error(response, 503, "engine_restarted")
+    ready = scripted.client.get("/ready")
+    assert ready.status_code == 503
+    state = next(m for m in ready.json()["models"] if m["name"] == "s")
+    assert state["state"] == "restarting" and "SIGSEGV" in state["error"], state
+    response = scripted.client.post("/v1/chat/completions", json={
+        "model": "s", "messages": [{"role": "user", "content": "hello"}]})
+    assert_error(response, 503, "engine_restarted", mentions=("restarting",))
+    assert int(response.headers["Retry-After"]) >= 1
+    assert scripted.client.post("/generate", json={"model": "other", "prompt": "ab"}).json() \
+        == "ba"
+    wait_for(lambda: model_state(scripted, "s")["state"] == "ready", what="restart")
