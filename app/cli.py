@@ -106,8 +106,8 @@ def _stop_on_signals(server: uvicorn.Server) -> None:
 @cli.command()
 def download(config: ConfigOption = None) -> None:
     """Fetch the weights of every configured model into models_dir, then exit."""
-    from engine.loading import resolve_tokenizer, resolve_weights
     from backends.errors import ModelLoadError
+    from engine.loading import resolve_tokenizer, resolve_weights
 
     settings = _settings(config)
     _logging(settings.server.log_level)

@@ -75,6 +75,9 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    def worker_log(self, index: int) -> str:
+        return (self.directory / f"worker{index}.log").read_text(errors="replace")
+
     def live(self, name: str = "tiny") -> int:
         return int(self.api.model_stats(name)["workers"] or 0)
 
@@ -164,10 +167,10 @@ def test_backlog_over_the_bound_is_503_queue_full(cluster: Cluster) -> None:
     client = cluster.api.client
     with client.stream("POST", "/agenerate", json=greedy(3000, name="one")) as first, \
             client.stream("POST", "/agenerate", json=greedy(3000, name="one")) as second:
-        for response in (first, second):
-            assert response.status_code == 200
-            next(response.iter_lines())
-        print("DEBUG", cluster.redis.xlen(f"{cluster.prefix}:one:jobs"), [cluster.redis.get(k) for k in cluster.redis.keys(f"{cluster.prefix}:one:worker:*")])
+        # (an iterator dropped closes its response: keep them)
+        lines = [response.iter_lines() for response in (first, second)]
+        assert first.status_code == second.status_code == 200
+        assert all(next(one) for one in lines)
         refused = client.post("/generate", json=greedy(5, name="one"))
         error = assert_error(refused, 503, "queue_full", mentions=("one", "busy"))
         assert int(refused.headers["Retry-After"]) >= 1, error
@@ -228,11 +231,16 @@ def test_two_hosts(tmp_path: Path, redis_url: str) -> None:
                 text = generate(cluster.api, body["prompt"], temperature=0, max_tokens=30)
                 events = stream_events(cluster.api.client, body)
                 assert text and "".join(data for _, data in events) == text
+                assert password_of(url) not in cluster.worker_log(0)
                 served = cluster.redis.smembers(f"{cluster.prefix}:tiny:workers")
                 # `ip netns exec` execs the worker: the pid in its id is B's process
                 assert [m.decode().split("-")[-2] for m in served] == [str(worker.pid)]
             finally:
                 cluster.stop()
+
+
+def password_of(url: str) -> str:
+    return url.split("//:", 1)[1].split("@", 1)[0]
 
 
 class two_hosts:
@@ -279,10 +287,12 @@ class redis_server:
         with socket.socket() as sock:
             sock.bind((self.address, 0))
             port = sock.getsockname()[1]
+        # a password: Redis refuses clients off loopback without one (protected mode)
+        password = uuid.uuid4().hex
         self.process = subprocess.Popen(
             ["redis-server", "--bind", self.address, "--port", str(port), "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        url = f"redis://{self.address}:{port}/0"
+             "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
+        url = f"redis://:{password}@{self.address}:{port}/0"
         client = redis.Redis.from_url(url)
 
         def up() -> bool:
@@ -290,7 +300,11 @@ class redis_server:
                 return bool(client.ping())
             except redis.RedisError:
                 return False
-        wait_for(up, 10, "the test's redis-server")
+        try:
+            wait_for(up, 10, "the test's redis-server")
+        except BaseException:
+            self.__exit__()
+            raise
         client.close()
         return url
 
