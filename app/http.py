@@ -32,15 +32,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     max_head_bytes = 65_536
     head_timeout = 10.0
+    #: Seconds a refused connection is kept half-open, its input read and dropped: closing
+    #: at once while the client still sends makes the kernel answer with a reset, which
+    #: can discard the refusal before the client reads it.
+    linger_seconds = 2.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
         self._in_head = True  # the bytes that arrive now belong to a request head
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the rest of a refused request: dropped until the connection closes
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -94,7 +101,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))
         self.transport.write(head + body)
-        self.transport.close()
+        self._refused = True
+        self._disarm_head_timer()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer, then FIN; the client's rest is read
+            self.loop.call_later(self.linger_seconds, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def server_config(app: Any, server: ServerSettings, **overrides: Any) -> uvicorn.Config:

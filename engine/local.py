@@ -73,7 +73,7 @@ class LocalClient(TransportClient):
 
     def __init__(self, name: str, limits: ModelLimits, settings: Any) -> None:
         super().__init__(name, limits)
-        self.payload = settings_payload(settings)
+        self.payload = settings_payload(settings, name)
         self.process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()

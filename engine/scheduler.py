@@ -175,8 +175,9 @@ class ModelScheduler:
 
     def run(self, job: Job, backend: Backend) -> str:
         """Run a job's work to its end on this thread; its outcome's stats name."""
-        items = work_of(job)(backend)
+        items: Iterator[Any] = iter(())
         try:
+            items = work_of(job)(backend)  # in the try: a backend may fail before its first item
             for item in items:
                 if job.cancelled.is_set():
                     job.emit(ClientDisconnected("The request was cancelled."))
@@ -231,7 +232,7 @@ class ModelScheduler:
         that does not allow that."""
         backend = self.check_ready()
         if not backend.tokenizes_off_engine:
-            job.work = lambda b: iter([fn(b)])
+            job.work = lambda b: _once(fn, b)
             self.submit(job)
             return
 
@@ -261,4 +262,9 @@ def work_of(job: Job) -> Callable[[Backend], Iterator[Any]]:
         request = job.request
         return lambda backend: backend.generate(request)
     texts = job.texts or []
-    return lambda backend: iter([backend.embed(texts)])
+    return lambda backend: _once(backend.embed, texts)
+
+
+def _once(fn: Callable[..., Any], *args: Any) -> Iterator[Any]:
+    """`fn(*args)` as a job's one item, called when the engine thread asks for it."""
+    yield fn(*args)

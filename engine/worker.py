@@ -37,11 +37,13 @@ def limits_of(entry: Any) -> ModelLimits:
                        grammar=GrammarLimits(entry.max_grammar_repeat, entry.max_grammar_bytes))
 
 
-def settings_payload(settings: Any) -> dict[str, Any]:
+def settings_payload(settings: Any, name: str) -> dict[str, Any]:
     """What a worker needs of the server's settings, as plain data (`entry_of` rebuilds
     them): the models and the server's limits, no secrets (keys, database URLs)."""
     payload: dict[str, Any] = settings.model_dump(
         mode="json", exclude_unset=True, include={"models_dir", "server", "models"})
+    # only its own model: another one's family may not be importable there (a test's)
+    payload["models"] = {name: payload["models"][name]}
     return payload
 
 
@@ -125,8 +127,18 @@ def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Wher
     def post(batch: Batch) -> None:
         send({"op": "items", "items": batch})
 
+    stopping = threading.Event()
+
+    def on_state(scheduler: Any) -> None:
+        send({"op": "state", "info": host.info()})
+        if scheduler.state == "stopped" and not stopping.is_set():
+            # The engine thread ended on its own (a bug, not a request's error): a worker
+            # that cannot serve ends, and its supervisor starts a new one.
+            log.error("model %s: its engine stopped; the worker exits", name)
+            os._exit(70)
+
     host = ModelHost(entry.name, lambda: load_model(entry, models_dir), limits_of(entry),
-                     on_state=lambda s: send({"op": "state", "info": host.info()}))
+                     on_state=on_state)
     sink = HostSink(host, post)
     host.start()
     try:
@@ -145,5 +157,6 @@ def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Wher
             elif op == "stop":
                 break
     finally:
+        stopping.set()
         with contextlib.suppress(Exception):
             host.stop()

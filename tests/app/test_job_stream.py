@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from app.errors import RequestTimeout
+from backends.base import Chunk
 from engine.jobs import END as _END
 from engine.jobs import Job, JobStream
-from backends.base import Chunk
 
 
 class Recording(JobStream):

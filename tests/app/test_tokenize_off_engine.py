@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from backends.base import Backend
 from engine.inprocess import InProcessClient
 from engine.scheduler import ModelScheduler
-from backends.base import Backend
 from tests.auth.conftest import ADMIN, ADMIN_KEY, bearer
 from tests.conftest import FIXTURES, TINY_GGUF, LiveServer, assert_error, parse_sse
 

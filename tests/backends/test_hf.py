@@ -292,7 +292,8 @@ def test_a_local_directory_without_config_is_a_load_error(tmp_path: Path) -> Non
 
 
 def test_model_memory_is_released_on_shutdown(live_server: Any) -> None:
-    server = live_server({"model_family": "huggingface", "placement": "inprocess",
+    server = live_server({"model_family": "huggingface",  # in this process: the test looks
+                          "server": {"placement": "inprocess"},  # at the model's memory
                           "setup_params": {"model_path": str(TINY_HF)},
                           "model_params": {"device_map": "cpu"}})
     assert generate(server, "hi", model="tiny-llama-hf", max_tokens=4)
