@@ -5,16 +5,16 @@ Per model, threads of one process: a puller reads a job (XREADGROUP) only when t
 has a free slot, or takes over one a dead worker left (XAUTOCLAIM, after
 workers.dead_after_seconds idle) and reruns it under the next attempt number; a call reader
 serves tokenizer calls at once; a cancel reader marks cancelled jobs, which the engine drops
-at its next step; a writer sends each decode step's items, one XADD per job, pipelined, and
-acks (XACK + XDEL) a job only after its last item is written. One heartbeat thread says the
-worker is alive, keeps its running jobs from looking idle, and removes dead consumers.
+at its next step. The engine's thread writes each decode step's items, one XADD per job,
+pipelined, and acks (XACK + XDEL) a job only after its last item is written. One heartbeat
+thread says the worker is alive, keeps its running jobs from looking idle, and removes dead
+consumers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import signal
 import socket
@@ -33,32 +33,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.errors import EngineRestarted
 from engine.host import Batch, HostSink, ModelHost
-from engine.remote import GROUP, Keys, safe_url
+from engine.remote import FINAL, GROUP, TOUCH, Keys, safe_url
 from engine.wire import dumps, item_out, loads
 from engine.worker import limits_of
 
 log = logging.getLogger(__name__)
 
-# Keep the own running jobs claimed (idle time reset, delivery count unchanged) unless
-# another worker took one over meanwhile: those are returned, to be dropped here.
-TOUCH = """
-local lost = {}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, id, id, 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  else
-    table.insert(lost, id)
-  end
-end
-return lost
-"""
-
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
-#: The number of an error that ends a job whatever its reader already has (the reader
-#: skips items numbered below what it has passed on).
-FINAL = 1 << 40
 
 
 class WorkerError(Exception):
@@ -86,27 +67,29 @@ class Node:
         self.draining = threading.Event()  # stop taking jobs; finish the running ones
         self.touch = client.register_script(TOUCH)
 
-    def forever(self, name: str, body: Callable[[], None]) -> threading.Thread:
-        """Run `body` over and over on a thread until the worker stops; while Redis is
-        unreachable, wait with a growing backoff."""
-        def run() -> None:
-            delay = 0.5
-            while not self.stopping.is_set():
-                try:
-                    body()
-                    delay = 0.5
-                except UNREACHABLE as exc:
-                    log.warning("%s: Redis unreachable (%s); retrying in %.1f s", name,
-                                type(exc).__name__, delay)
-                    self.stopping.wait(delay)
-                    delay = min(30.0, delay * 2)
-                except Exception:  # noqa: BLE001 - keep serving; the log says what failed
-                    log.exception("%s failed; retrying", name)
-                    self.stopping.wait(1.0)
+    def repeat(self, name: str, body: Callable[[], None], once: bool = False) -> None:
+        """Run `body` until the worker stops (`once`: until it succeeds); while Redis is
+        unreachable (it was reachable when the worker started), wait with a growing backoff."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                body()
+                if once:
+                    return
+                delay = 0.5
+            except UNREACHABLE as exc:
+                log.warning("%s: Redis unreachable (%s); retrying in %.1f s", name,
+                            type(exc).__name__, delay)
+                self.stopping.wait(delay)
+                delay = min(30.0, delay * 2)
+            except Exception:  # noqa: BLE001 - keep serving; the log says what failed
+                if once:
+                    raise
+                log.exception("%s failed; retrying", name)
+                self.stopping.wait(1.0)
 
-        thread = threading.Thread(target=run, name=name, daemon=True)
-        thread.start()
-        return thread
+    def forever(self, name: str, body: Callable[[], None]) -> None:
+        threading.Thread(target=self.repeat, args=(name, body), name=name, daemon=True).start()
 
 
 class ModelWorker:
@@ -123,10 +106,9 @@ class ModelWorker:
         self._origins: dict[str, Origin] = {}
         self._lock = threading.Lock()
         self._room = threading.Event()
-        self._out: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._closed = False
         self._block_ms = max(10, min(1000, int(node.cfg.heartbeat_seconds * 1000)))
         self._last_claim: dict[str, float] = {}
-        self._direct = os.environ.get("RW_DIRECT", "1") == "1"
 
     def load(self) -> None:
         self.host.start()
@@ -150,7 +132,6 @@ class ModelWorker:
         forever(f"jobs-{self.name}", self._pull_job)
         forever(f"calls-{self.name}", self._pull_call)
         forever(f"cancels-{self.name}", partial(self._read_cancels, cancels))
-        forever(f"results-{self.name}", self._write)
 
     # -- taking jobs -----------------------------------------------------------------------
 
@@ -244,32 +225,14 @@ class ModelWorker:
     # -- results ---------------------------------------------------------------------------
 
     def _post(self, batch: Batch) -> None:
-        """From the engine's threads: one round trip per decode step, written before the
-        engine decodes the next. (Handing the batch to a writer thread instead made that
-        thread compete with llama.cpp's spinning compute threads for the cores, every step:
-        2-3x slower generations on 2 cores.)"""
-        if self._direct:
-            by_job: dict[str, list[Any]] = {}
-            for job_id, seq, item in batch:
-                by_job.setdefault(job_id, []).append([job_id, seq, item])
-            self._send(by_job)
-        else:
-            self._out.put(batch)
-
-    def _write(self) -> None:
-        batch = self._out.get()
-        if batch is None:
-            return
-        items = list(batch)
-        while True:  # what else is waiting goes in the same round trip
-            try:
-                more = self._out.get_nowait()
-            except queue.Empty:
-                break
-            if more is not None:
-                items.extend(more)
+        """From the engine's threads: a decode step's items, one round trip, written before
+        the engine decodes the next step (as the local transport writes its pipe). A writer
+        thread instead would run during the decode, competing with llama.cpp's compute
+        threads for the cores at every step."""
+        if self._closed:
+            return  # stopping: jobs still running stay pending, for another worker
         by_job: dict[str, list[Any]] = {}
-        for job_id, seq, item in items:
+        for job_id, seq, item in batch:
             by_job.setdefault(job_id, []).append([job_id, seq, item])
         self._send(by_job)
 
@@ -358,28 +321,13 @@ class ModelWorker:
                     r.xgroup_delconsumer(stream, GROUP, name)
                     log.info("model %s: removed dead worker %s", self.name, name)
 
-    def stop_writer(self) -> None:
-        self._out.put(None)
+    def close(self) -> None:
+        self._closed = True
 
     def leave(self) -> None:
         r = self.node.redis
         r.delete(self.keys.worker(self.node.id))
         r.srem(self.keys.workers, self.node.id)
-
-
-def _until_done(node: Node, what: str, step: Callable[[], None]) -> None:
-    """Run `step` until it succeeds, waiting with a growing backoff while Redis is
-    unreachable (it was reachable when the worker started)."""
-    delay = 0.5
-    while not node.stopping.is_set():
-        try:
-            step()
-            return
-        except UNREACHABLE as exc:
-            log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what,
-                        type(exc).__name__, delay)
-            node.stopping.wait(delay)
-            delay = min(30.0, delay * 2)
 
 
 def _heartbeat(node: Node, workers: list[ModelWorker], last_sweep: list[float]) -> None:
@@ -428,8 +376,8 @@ def run_worker(url: str | None, cfg: Any, models_dir: Path, entries: list[Any],
         for worker in workers:
             worker.load()
         for worker in workers:
-            _until_done(node, f"joining {worker.name}", worker.join_groups)
-            _until_done(node, f"starting {worker.name}", worker.start)
+            node.repeat(f"joining {worker.name}", worker.join_groups, once=True)
+            node.repeat(f"starting {worker.name}", worker.start, once=True)
         node.forever("heartbeat", partial(_heartbeat, node, workers, [0.0]))
         log.info("worker %s: ready", node.id)
         while not node.draining.wait(0.5):
@@ -448,7 +396,7 @@ def _shut_down(node: Node, workers: list[ModelWorker]) -> None:
     """Jobs still running stay pending in their streams: other workers take them over."""
     node.stopping.set()
     for worker in workers:
-        worker.stop_writer()  # first: the errors stopping the engine gives are not sent
+        worker.close()  # first: the errors stopping the engine gives are not sent
         worker.host.stop()
         try:
             worker.leave()

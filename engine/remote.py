@@ -55,6 +55,27 @@ if bound >= 0 and n >= bound then return {0, n} end
 return {1, redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])}
 """
 
+# A worker keeps its running jobs claimed (idle time reset, delivery count unchanged) unless
+# another worker took one over meanwhile: those are returned, for it to drop.
+# KEYS: the stream; ARGV: the group, the worker's consumer name, its entry ids.
+TOUCH = """
+local lost = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+#: The number of an error that ends a job whatever its reader already has (the reader
+#: skips items numbered below what it has passed on).
+FINAL = 1 << 40
+
 
 @dataclass(frozen=True)
 class Keys:

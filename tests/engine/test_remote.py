@@ -3,6 +3,7 @@ through a real Redis (127.0.0.1:6379; each test module uses a key prefix of its 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -208,10 +209,62 @@ def test_kill9_of_a_worker_mid_stream_reruns_greedy_once(cluster: Cluster) -> No
         events = list(parse_sse([first, *lines]))
     texts = [data for event, data in events if event == "message"]
     assert "".join(texts) == expected
-    # the dead worker is dropped from the live ones, and its consumer removed
+    assert any("taking over job" in cluster.worker_log(i) for i in range(len(cluster.workers)))
+    replace_dead_worker(cluster)
+
+
+def test_kill9_mid_stream_ends_a_sampled_request_with_engine_restarted(cluster: Cluster
+                                                                      ) -> None:
+    body = {"prompt": "once upon a time", "model": "tiny",
+            "params": {"temperature": 0.9, "max_tokens": 400}}
+    with cluster.api.client.stream("POST", "/agenerate", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(lines)
+        os.kill(cluster.pid_running("tiny"), signal.SIGKILL)
+        events = list(parse_sse([first, *lines]))
+    # what was sent stays; the rerun (other text: it samples) is not appended to it
+    assert events[-1][0] == "error" and "engine_restarted" in events[-1][1]
+    replace_dead_worker(cluster)
+
+
+def replace_dead_worker(cluster: Cluster) -> None:
+    """The dead worker is dropped from the live ones; a new one takes its place."""
     cluster.wait_workers(1)
     cluster.start_worker()
     cluster.wait_workers(2)
+    cluster.wait_workers(2, "one")
+
+
+def test_a_job_whose_workers_keep_dying_ends_with_an_error(cluster: Cluster) -> None:
+    """Three workers took the job in turn and died (it was delivered three times, never
+    acked): the worker that takes it over next (max_attempts 3) ends it with a clean error
+    instead of running it, and the dead consumers are removed from the group."""
+    r, jobs, job_id = cluster.redis, f"{cluster.prefix}:tiny:jobs", uuid.uuid4().hex
+    message = json.dumps({"id": job_id, "timeout": 30, "texts": ["a"]})
+    with r.pipeline(transaction=True) as pipe:  # no live worker can read it in between
+        pipe.xadd(jobs, {"m": message})
+        pipe.xreadgroup("workers", "dead-0", {jobs: ">"}, count=1)
+        entry = pipe.execute()[0].decode()
+    r.xclaim(jobs, "workers", "dead-1", 0, [entry])
+    r.xclaim(jobs, "workers", "dead-2", 0, [entry])
+    result: Any = []
+
+    def answered() -> bool:
+        nonlocal result
+        result = r.xrange(f"{cluster.prefix}:r:{job_id}")
+        return bool(result)
+    wait_for(answered, 20, "the job's error")
+    items = json.loads(result[-1][1][b"m"])["items"]
+    kind, error = items[-1][2]
+    assert kind == "error" and error["class"].endswith(":EngineRestarted"), error
+    assert "3 times" in error["message"]
+    assert r.xlen(jobs) == 0 and not r.xpending_range(jobs, "workers", "-", "+", 10)
+
+    def swept() -> bool:
+        names = {c["name"].decode() for c in r.xinfo_consumers(jobs, "workers")}
+        return not names & {"dead-0", "dead-1", "dead-2"}
+    wait_for(swept, 20, "the dead consumers removed")
 
 
 def test_two_hosts(tmp_path: Path, redis_url: str) -> None:
