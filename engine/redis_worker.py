@@ -135,9 +135,17 @@ class ModelWorker:
 
     # -- taking jobs -----------------------------------------------------------------------
 
+    def _free_slot(self) -> bool:
+        """The engine has room for another job. Counted here rather than by the scheduler's
+        `has_room()`, which counts a job out only after its last item was sent: the puller
+        woken by that item would find no room and wait a whole period."""
+        with self._lock:
+            held = sum(1 for o in self._origins.values() if o.stream == self.keys.jobs)
+        return held < self.host.scheduler.capacity
+
     def _pull_job(self) -> None:
         self._room.clear()
-        if self.node.draining.is_set() or not self.host.scheduler.has_room():
+        if self.node.draining.is_set() or not self._free_slot():
             self._room.wait(0.2)  # set when a job ends
             return
         if self._claim(self.keys.jobs):
@@ -192,7 +200,8 @@ class ModelWorker:
             log.error("model %s: dropping unreadable job entry %s", self.name, entry)
             self._ack(stream, entry)
             return
-        if self.node.redis.exists(self.keys.cancel(job_id)):
+        # (not for a call: short and served at once, it is not worth a round trip)
+        if stream == self.keys.jobs and self.node.redis.exists(self.keys.cancel(job_id)):
             self._ack(stream, entry)  # cancelled before it started
             return
         with self._lock:

@@ -41,6 +41,7 @@ from engine.wire import dumps, loads
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+NO_WORKER = "no live worker"
 #: Longest a job's reader blocks before it looks whether the job is still wanted.
 READ_BLOCK_MS = 1000
 #: The cancels stream keeps about this many ids (workers read it as it comes).
@@ -216,7 +217,7 @@ class RemoteClient(TransportClient):
         info = self.info
         info.workers = len(live)
         if not live:
-            info.state, info.error = "waiting", why or "no live worker"
+            info.state, info.error = "waiting", why or NO_WORKER
             return
         info.capabilities, info.context_length, info.stats, self._slots = merge_workers(live)
         info.state, info.error = "ready", None
@@ -227,8 +228,9 @@ class RemoteClient(TransportClient):
         if self.info.state in ("failed", "stopped"):
             raise ModelNotReady(f"Model '{self.name}' is not available ({self.info.state}: "
                                 f"{self.info.error}).")
-        raise NoWorkers(f"Model '{self.name}' has no live worker ({self.info.error}); start "
-                        "one with `llm-api worker`, or retry shortly.")
+        why = "" if self.info.error in (None, NO_WORKER) else f" ({self.info.error})"
+        raise NoWorkers(f"Model '{self.name}' has no live worker{why}; start one with "
+                        "`llm-api worker`, or retry shortly.")
 
     # -- jobs ------------------------------------------------------------------------------
 
