@@ -10,7 +10,9 @@ retries with Range requests) and across restarts (the .part file is kept).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -91,14 +94,36 @@ def local_match(folder: Path, pattern: str) -> list[Path]:
 
 
 _LOCKS: dict[Path, threading.RLock] = {}
+_HELD: dict[Path, int] = {}  # a folder's lock file, held by this process this many times
 _LOCKS_GUARD = threading.Lock()
 
 
-def _folder_lock(folder: Path) -> threading.RLock:
-    """One lock per repository folder: two models of one repo (each loading in its own
-    engine thread) must not write the same .part file at once."""
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """One lock per repository folder: two models of one repo, loading in two threads or in
+    two worker processes, must not write the same .part file at once. Threads take a lock
+    of this process, processes an exclusive `flock` of a file in the folder's cache."""
+    folder = folder.resolve()
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(folder.resolve(), threading.RLock())
+        lock = _LOCKS.setdefault(folder, threading.RLock())
+    with lock:
+        if _HELD.get(folder):  # this thread holds it already (a nested fetch)
+            _HELD[folder] += 1
+            try:
+                yield
+            finally:
+                _HELD[folder] -= 1
+            return
+        cache = folder / ".cache" / "llm-api"
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / ".lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            _HELD[folder] = 1
+            try:
+                yield
+            finally:
+                _HELD[folder] = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fetch_file(models_dir: Path, repo_id: str, filename: str, revision: str | None = None,

@@ -30,7 +30,9 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
 
 
 def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    """Files written under `folder`, but the repository's download lock (taken first)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.mark.parametrize("pattern", ["*evil", "/etc/*", "*climb.gguf"])
