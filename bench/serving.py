@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
 def gguf_model() -> Path:
     """The random GGUF (built once; with the bench venv's gguf if this venv has none)."""
     path = CACHE / "rand-91m-q8_0-noeos.gguf"
+    if path.is_file():
+        return path
     try:
         import gguf  # noqa: F401
     except ImportError:

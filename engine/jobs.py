@@ -79,12 +79,17 @@ class Channel:
 
 
 class LoopSink:
-    """Delivers items into their jobs' channels on one event loop (thread-safe)."""
+    """Delivers items into their jobs' channels on one event loop (thread-safe). Made on
+    that loop's thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.thread = threading.get_ident()
 
     def deliver(self, items: list[tuple[Job, Any]]) -> None:
+        if threading.get_ident() == self.thread:  # a transport's reader on the loop itself
+            _put_all(items)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             self.loop.call_soon_threadsafe(_put_all, items)
 

@@ -129,15 +129,19 @@ class LocalClient(TransportClient):
     async def _supervise(self) -> None:
         failures: collections.deque[float] = collections.deque()
         while not self._stopping:
-            ended = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            ended = loop.create_future()
             try:
-                await asyncio.to_thread(self._spawn, ended)
+                conn = await asyncio.to_thread(self._spawn)
             except Exception as exc:  # noqa: BLE001 - reported through /ready and the log
                 log.exception("model %s: the worker process could not be started", self.name)
                 self.info.state = "failed"
                 self.info.error = f"its worker process could not be started ({type(exc).__name__})"
                 self._loaded.set()
                 return
+            # The event loop reads the worker's messages itself: a reader thread would add a
+            # thread wake-up (and a wait for a core while the engine decodes) to every step.
+            loop.add_reader(conn.fileno(), self._readable, conn, ended)
             await ended
             process = self.process
             assert process is not None
@@ -166,10 +170,11 @@ class LocalClient(TransportClient):
             # doubled by each recent failure
             await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_START * 2 ** (len(failures) - 1)))
 
-    def _spawn(self, ended: asyncio.Future[None]) -> None:
-        """Start a worker and the thread that reads it (in a thread: spawning takes a while)."""
+    def _spawn(self) -> Connection:
+        """Start a worker; our end of its pipe (in a thread: starting takes a while)."""
         context = _context()
-        ours, theirs = context.Pipe(duplex=True)
+        pipe: tuple[Connection, Connection] = context.Pipe(duplex=True)
+        ours, theirs = pipe
         # The fork server started with the environment and directory of its time: the
         # worker takes this process's current ones (HF_ENDPOINT, relative models_dir, ...).
         where = Where(dict(os.environ), os.getcwd(), logging.getLogger().getEffectiveLevel())
@@ -178,34 +183,33 @@ class LocalClient(TransportClient):
         process.start()
         theirs.close()
         self.process, self._conn = process, ours
-        threading.Thread(target=self._read, args=(ours, ended), daemon=True,
-                         name=f"worker-reader-{self.name}").start()
+        return ours
 
-    def _read(self, conn: Connection, ended: asyncio.Future[None]) -> None:
-        loop = self.loop
-        assert loop is not None
+    def _readable(self, conn: Connection, ended: asyncio.Future[None]) -> None:
+        """On the loop: handle every message the worker sent; at the end of the pipe (the
+        worker is gone), stop watching it and wake the supervisor."""
         try:
-            while True:
-                try:
-                    message = loads(conn.recv_bytes())
-                except (EOFError, OSError):
-                    break
-                if message.get("op") == "items":
-                    self.route(message["items"])
-                elif message.get("op") == "log":
-                    record = log_record(self.name, message)
-                    logging.getLogger(record.name).handle(record)
-                elif message.get("op") == "state":
-                    self._state(ModelInfo.from_dict(message["info"]))
-                    if message.get("reply"):
-                        loop.call_soon_threadsafe(self._answered)
-        finally:
+            while conn.poll():
+                self._handle(loads(conn.recv_bytes()))
+        except (EOFError, OSError):
+            assert self.loop is not None
+            self.loop.remove_reader(conn.fileno())
             conn.close()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
-                loop.call_soon_threadsafe(_finish, ended)
+            _finish(ended)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message.get("op") == "items":
+            self.route(message["items"])
+        elif message.get("op") == "log":
+            record = log_record(self.name, message)
+            logging.getLogger(record.name).handle(record)
+        elif message.get("op") == "state":
+            self._state(ModelInfo.from_dict(message["info"]))
+            if message.get("reply"):
+                self._answered()
 
     def _state(self, reported: ModelInfo) -> None:
-        """A state message from the worker (on the reader thread)."""
+        """A state message from the worker (on the loop)."""
         restarts = self.info.restarts
         if reported.state == "stopped" and self._stopping:
             return
@@ -214,9 +218,7 @@ class LocalClient(TransportClient):
         if reported.state == "failed":
             log.error("model %s could not be loaded: %s", self.name, reported.error)
         if reported.state in ("ready", "failed"):
-            assert self.loop is not None
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._loaded.set)
+            self._loaded.set()
         if reported.state == "ready" and self._again:
             again, self._again = self._again, []
             self.resend(again)
