@@ -66,10 +66,11 @@ class Cluster:
         self.api = LiveServer(remote_config(redis_url, self.prefix), directory / "api")
         self.workers: list[subprocess.Popen[bytes]] = []
 
-    def start_worker(self, models: str = "tiny,one") -> subprocess.Popen[bytes]:
+    def start_worker(self, models: str = "tiny,one",
+                     on_host_b: bool = True) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "app.cli", "worker", "--config",
                    str(self.api.config_path), "--models", models]
-        if self.netns:
+        if self.netns and on_host_b:
             command = ["ip", "netns", "exec", self.netns, *command]
         log = (self.directory / f"worker{len(self.workers)}.log").open("wb")
         worker = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -270,7 +271,8 @@ def test_a_job_whose_workers_keep_dying_ends_with_an_error(cluster: Cluster) -> 
 def test_two_hosts(tmp_path: Path, redis_url: str) -> None:
     """Host A (this process: the API, and a Redis bound to A's veth address only) and host
     B (a network namespace whose only way out is the veth pair): a request accepted on A
-    is served by B's worker and streamed back."""
+    is served by B's worker and streamed back. Then with a worker on each host, `kill -9`
+    of the one running a greedy stream: the other completes it, its text exactly once."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     with two_hosts() as (address_a, netns_b):
@@ -288,8 +290,26 @@ def test_two_hosts(tmp_path: Path, redis_url: str) -> None:
                 served = cluster.redis.smembers(f"{cluster.prefix}:tiny:workers")
                 # `ip netns exec` execs the worker: the pid in its id is B's process
                 assert [m.decode().split("-")[-2] for m in served] == [str(worker.pid)]
+                kill_the_running_worker_of_two_hosts(cluster)
             finally:
                 cluster.stop()
+
+
+def kill_the_running_worker_of_two_hosts(cluster: Cluster) -> None:
+    cluster.start_worker(models="tiny", on_host_b=False)
+    cluster.wait_workers(2)
+    body = greedy(400, prompt="once upon a time")
+    expected = generate(cluster.api, body["prompt"], temperature=0, max_tokens=400)
+    with cluster.api.client.stream("POST", "/agenerate", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(lines)
+        running = cluster.pid_running("tiny")
+        os.kill(running, signal.SIGKILL)
+        events = list(parse_sse([first, *lines]))
+    assert "".join(data for event, data in events if event == "message") == expected
+    survivor = next(i for i, w in enumerate(cluster.workers) if w.pid != running)
+    assert "taking over job" in cluster.worker_log(survivor)
 
 
 def password_of(url: str) -> str:
