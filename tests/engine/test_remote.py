@@ -274,7 +274,7 @@ def test_two_hosts(tmp_path: Path, redis_url: str) -> None:
     is served by B's worker and streamed back. Then with a worker on each host, `kill -9`
     of the one running a greedy stream: the other completes it, its text exactly once."""
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        service_missing("network namespaces", PermissionError("they need root"))
     with two_hosts() as (address_a, netns_b):
         with redis_server(address_a) as url:
             cluster = Cluster(tmp_path, url, netns=netns_b)
