@@ -1,4 +1,4 @@
-"""What the routes call: generation and embeddings on a model's model, metered.
+"""What the routes call: generation and embeddings on a model (its `EngineClient`), metered.
 
 Every generation and embedding goes through `start_generation` / `embed` with the request's
 `Meter` (the `MeterDep` dependency): that is where the key's model access, rate limits and
