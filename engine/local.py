@@ -132,20 +132,20 @@ class LocalClient(TransportClient):
             loop = asyncio.get_running_loop()
             ended = loop.create_future()
             try:
-                conn = await asyncio.to_thread(self._spawn)
+                await asyncio.to_thread(self._spawn, ended)
             except Exception as exc:  # noqa: BLE001 - reported through /ready and the log
                 log.exception("model %s: the worker process could not be started", self.name)
                 self.info.state = "failed"
                 self.info.error = f"its worker process could not be started ({type(exc).__name__})"
                 self._loaded.set()
                 return
-            # The event loop reads the worker's messages itself: a reader thread would add a
-            # thread wake-up (and a wait for a core while the engine decodes) to every step.
-            loop.add_reader(conn.fileno(), self._readable, conn, ended)
             await ended
             process = self.process
             assert process is not None
             await asyncio.to_thread(process.join, 10)
+            if process.is_alive():  # its pipe failed, not the process: end it all the same
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
             self._conn = None
             if self._stopping:
                 return
@@ -170,8 +170,11 @@ class LocalClient(TransportClient):
             # doubled by each recent failure
             await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_START * 2 ** (len(failures) - 1)))
 
-    def _spawn(self) -> Connection:
-        """Start a worker; our end of its pipe (in a thread: starting takes a while)."""
+    def _spawn(self, ended: asyncio.Future[None]) -> None:
+        """Start a worker and the thread that reads it (in a thread: spawning takes a while).
+
+        A thread, not the event loop's `add_reader`: uvloop (libuv) makes a watched file
+        descriptor non-blocking, and a large message then fails half-sent or half-read."""
         context = _context()
         pipe: tuple[Connection, Connection] = context.Pipe(duplex=True)
         ours, theirs = pipe
@@ -183,21 +186,30 @@ class LocalClient(TransportClient):
         process.start()
         theirs.close()
         self.process, self._conn = process, ours
-        return ours
+        threading.Thread(target=self._read, args=(ours, ended), daemon=True,
+                         name=f"worker-reader-{self.name}").start()
 
-    def _readable(self, conn: Connection, ended: asyncio.Future[None]) -> None:
-        """On the loop: handle every message the worker sent; at the end of the pipe (the
-        worker is gone), stop watching it and wake the supervisor."""
+    def _read(self, conn: Connection, ended: asyncio.Future[None]) -> None:
+        """The reader thread: every message of the worker until its pipe ends."""
+        loop = self.loop
+        assert loop is not None
         try:
-            while conn.poll():
-                self._handle(loads(conn.recv_bytes()))
-        except (EOFError, OSError):
-            assert self.loop is not None
-            self.loop.remove_reader(conn.fileno())
+            while True:
+                try:
+                    message = loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                if message.get("op") == "items":
+                    self.route(message["items"])  # delivered to the loop in one wake-up
+                else:
+                    loop.call_soon_threadsafe(self._handle, message)
+        finally:
             conn.close()
-            _finish(ended)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
+                loop.call_soon_threadsafe(_finish, ended)
 
     def _handle(self, message: dict[str, Any]) -> None:
+        """A message other than items, on the loop."""
         if message.get("op") == "items":
             self.route(message["items"])
         elif message.get("op") == "log":
