@@ -26,6 +26,7 @@ from engine.local import preload
 preload(["backends.llama", "backends.hf"])
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 TINY_GGUF = FIXTURES / "tiny-llama-q8_0.gguf"
 
 
@@ -146,6 +147,27 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server = LiveServer(config, tmp_path_factory.mktemp("tiny")).start()
     yield server
     server.stop()
+
+
+def service_missing(what: str, why: Exception) -> None:
+    """A service a test needs is not there: fail under CI (`CI` true/1/yes), skip locally."""
+    message = f"{what} is not reachable: {why}"
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):  # CI: never skip
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis on loopback (see service_missing when it is not there)."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here"
+        service_missing("Redis on 127.0.0.1:6379", exc)
+        raise
+    return REDIS_URL
 
 
 @pytest.fixture(autouse=True)

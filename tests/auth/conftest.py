@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,12 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TINY_GGUF, LiveServer
+from tests.conftest import TINY_GGUF, LiveServer, service_missing
 
 ADMIN_KEY = "llmapi-test-admin-key-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -51,13 +49,6 @@ def key_info(client: httpx.Client, key_id: int) -> dict[str, Any]:
     return info
 
 
-def _service_missing(what: str, why: Exception) -> None:
-    message = f"{what} is not reachable: {why}"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):  # CI: never skip
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, uniquely named Postgres database for this test run, dropped afterwards."""
@@ -66,7 +57,7 @@ def postgres_url() -> Iterator[str]:
 
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except Exception as exc:  # noqa: BLE001 - any failure means "no Postgres here"
-        _service_missing("Postgres on 127.0.0.1:5432", exc)
+        service_missing("Postgres on 127.0.0.1:5432", exc)
         raise
     name = f"llmapi_test_{uuid.uuid4().hex[:12]}"
     admin.execute(f'CREATE DATABASE "{name}"')
@@ -75,18 +66,6 @@ def postgres_url() -> Iterator[str]:
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here"
-        _service_missing("Redis on 127.0.0.1:6379", exc)
-        raise
-    return REDIS_URL
 
 
 STORES = ["sqlite", "postgres"]

@@ -26,9 +26,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.auth.conftest import ADMIN, REDIS_URL, _fresh_schema, auth_config, bearer, create_key
+from tests.auth.conftest import ADMIN, _fresh_schema, auth_config, bearer, create_key
 from tests.auth.test_quotas import prompt_tokens
-from tests.conftest import TINY_GGUF, assert_error, parse_sse, wait_for
+from tests.conftest import REDIS_URL, TINY_GGUF, assert_error, parse_sse, wait_for
 
 LLM_API = Path(sys.executable).parent / "llm-api"
 START_TIMEOUT = 120.0

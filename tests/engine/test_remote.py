@@ -24,19 +24,12 @@ from tests.conftest import (
     assert_error,
     generate,
     parse_sse,
+    service_missing,
     stream_events,
     wait_for,
 )
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def service_missing(what: str, why: Exception) -> None:
-    message = f"{what} is not reachable: {why}"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):  # CI: never skip
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def model(**extra: Any) -> dict[str, Any]:
@@ -113,15 +106,6 @@ class Cluster:
         if keys:
             self.redis.delete(*keys)
         self.redis.close()
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here"
-        service_missing("Redis on 127.0.0.1:6379", exc)
-    return REDIS_URL
 
 
 @pytest.fixture(scope="module")
