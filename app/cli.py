@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
 from types import FrameType
@@ -48,9 +47,10 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(settings: Settings) -> None:
+    from app.telemetry import configure_logging
+
+    configure_logging(settings.server.log_level, settings.server.log_format)
 
 
 @cli.command()
@@ -58,9 +58,8 @@ def serve(config: ConfigOption = None,
           host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
           port: Annotated[int | None, typer.Option(help="TCP port.")] = None) -> None:
     """Download (if needed), load and serve the configured models."""
-    import uvicorn
-
     from app.http import server_config
+    from app.lifecycle import DrainingServer
     from app.main import create_app
 
     settings = _settings(config)
@@ -68,7 +67,7 @@ def serve(config: ConfigOption = None,
         settings.server.host = host
     if port:
         settings.server.port = port
-    _logging(settings.server.log_level)
+    _logging(settings)
     failed = False
 
     def on_load_failure() -> None:
@@ -77,7 +76,7 @@ def serve(config: ConfigOption = None,
         server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    server = uvicorn.Server(server_config(app, settings.server))
+    server = DrainingServer(server_config(app, settings.server), app.state.drain)
     _stop_on_signals(server)
     server.run()
     if failed:
@@ -88,8 +87,8 @@ def serve(config: ConfigOption = None,
 def _stop_on_signals(server: uvicorn.Server) -> None:
     """Make SIGTERM and SIGINT a graceful shutdown that exits 0.
 
-    While it runs, uvicorn handles both itself (stop accepting, let requests finish for
-    graceful_shutdown_seconds, cancel the rest, run the lifespan shutdown). Afterwards it puts
+    While it runs, the server handles both itself (drain: app.lifecycle; then uvicorn stops
+    accepting and runs the lifespan shutdown). Afterwards it puts
     back the handlers it found and raises the signal again, so that with the default handlers
     the process dies of SIGTERM (-15) or raises KeyboardInterrupt (130) although it shut down
     cleanly. These handlers are the ones it puts back: the re-raised signal just asks a
@@ -110,7 +109,7 @@ def download(config: ConfigOption = None) -> None:
     from engine.loading import resolve_tokenizer, resolve_weights
 
     settings = _settings(config)
-    _logging(settings.server.log_level)
+    _logging(settings)
     ok = True
     for entry in model_entries(settings):
         try:
@@ -134,7 +133,7 @@ def worker(config: ConfigOption = None,
     from engine.redis_worker import WorkerError, run_worker
 
     settings = _settings(config)
-    _logging(settings.server.log_level)
+    _logging(settings)
     entries = model_entries(settings)
     if models:
         names = [n.strip() for n in models.split(",") if n.strip()]

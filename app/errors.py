@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.telemetry import note_error
 from backends.errors import (
     BackendFailure,
     CapabilityNotSupported,
@@ -85,10 +86,11 @@ class QuotaExceeded(LLMAPIError):
     """A key's lifetime quota is used up (429), with X-RateLimit-* headers."""
 
     def __init__(self, message: str, retry_after: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, reason: str = "quota") -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.headers = headers or {}
+        self.reason = reason  # which limit (metrics): requests, tokens, rpm, tpm, max_parallel
 
 
 class RateLimited(QuotaExceeded):
@@ -97,6 +99,14 @@ class RateLimited(QuotaExceeded):
 
 class TooManyFailedAuthentications(RateLimited):
     """A client address over auth.failed_auth_limit (429 with Retry-After)."""
+
+
+class ServerShuttingDown(LLMAPIError):
+    """The server is draining for a shutdown (503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BodyReadTimeout(LLMAPIError):
@@ -148,6 +158,7 @@ ERROR_TABLE: tuple[tuple[type[LLMAPIError], ErrorSpec], ...] = (
     (ModelNotReady, ErrorSpec(503, "overloaded_error", "model_not_ready")),
     (NoWorkers, ErrorSpec(503, "overloaded_error", "no_workers")),
     (EngineRestarted, ErrorSpec(503, "server_error", "engine_restarted")),
+    (ServerShuttingDown, ErrorSpec(503, "server_error", "server_shutting_down")),
     (StoreUnavailable, ErrorSpec(503, "server_error", "store_unavailable")),
     (ClientDisconnected, ErrorSpec(499, "invalid_request_error", "client_closed_request")),
     (RequestTimeout, ErrorSpec(504, "timeout_error", "request_timeout")),
@@ -185,6 +196,7 @@ def body_for(exc: LLMAPIError) -> dict[str, Any]:
 
 
 def response_for(exc: LLMAPIError) -> JSONResponse:
+    _note(exc)
     headers: dict[str, str] = dict(getattr(exc, "headers", {}))
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
@@ -192,14 +204,20 @@ def response_for(exc: LLMAPIError) -> JSONResponse:
     return JSONResponse(body_for(exc), status_code=spec_for(exc).status, headers=headers)
 
 
+def _note(exc: LLMAPIError) -> None:
+    note_error(spec_for(exc).code, getattr(exc, "reason", None))
+
+
 def sse_error(exc: LLMAPIError) -> dict[str, str]:
     """The frame that ends a stream which fails after it began."""
+    _note(exc)
     return {"event": "error", "data": json.dumps(body_for(exc))}
 
 
 def sse_error_data(exc: LLMAPIError) -> dict[str, str]:
     """OpenAI's streaming style: a plain `data:` event with the error body (the SDK raises
     APIError on it); the stream then ends without `[DONE]`."""
+    _note(exc)
     return {"data": json.dumps(body_for(exc))}
 
 
@@ -281,6 +299,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(allowed)
             message = f"{request.method} is not allowed on this route; allowed: " \
                 f"{', '.join(allowed)}."
+        note_error(kind)
         return JSONResponse(error_body(message, "invalid_request_error", None, kind),
                             status_code=exc.status_code, headers=headers)
 

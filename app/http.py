@@ -119,6 +119,9 @@ def server_config(app: Any, server: ServerSettings, **overrides: Any) -> uvicorn
     trusted = server.forwarded_allow_ips
     options: dict[str, Any] = {
         "host": server.host, "port": server.port, "log_level": server.log_level,
+        # The log is configured once (app.telemetry), uvicorn's lines included; our access
+        # line (with the request id, key id and tokens) replaces uvicorn's.
+        "log_config": None, "access_log": False,
         "timeout_graceful_shutdown": int(server.graceful_shutdown_seconds),
         "http": protocol,
         # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: a local tunnel

@@ -47,6 +47,10 @@ class ModelPool:
     async def stop(self) -> None:
         await asyncio.gather(*(client.stop() for client in self.clients.values()))
 
+    def interrupt_all(self, error: BaseException) -> int:
+        """End every running job of every model with `error`; how many there were."""
+        return sum(client.interrupt_all(error) for client in self.clients.values())
+
     def get(self, name: str | None,
             may_use: Callable[[str], bool] = lambda _: True) -> EngineClient:
         """The client of model `name` (the first model when None); `may_use` says which

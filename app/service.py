@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from fastapi import Request
 from app.auth.meter import Meter, Ticket, status_of
 from app.errors import ClientDisconnected
 from app.prompts import PreparedPrompt, bound_chars, bound_texts, prompt_chars, reusing_ids
+from app.telemetry import log_prompt
 from backends.base import (
     CHAT,
     EMBED,
@@ -69,11 +71,16 @@ async def start_generation(model: EngineClient, request: GenerationRequest,
     ticket = await meter.admit(model.name, prompt_words(request), prompt.reservation)
     try:
         request = await prompt.request()
+        submitted = time.monotonic()
         stream = await model.generate(request)
     except BaseException:
         await ticket.refund()
         raise
+    if meter.metrics is not None:
+        meter.metrics.queue_wait.labels(model.name).observe(time.monotonic() - submitted)
     ticket.running = True
+    log_prompt(meter.log_prompts, "prompt",
+               request.messages if request.messages is not None else request.prompt)
     return MeteredStream(stream, ticket, request, prompt.clamped)
 
 
@@ -86,12 +93,17 @@ class MeteredStream(JobStream):
         self._ticket = ticket
         self.request = request  # as the engine got it (prompt_ids set when tokenized)
         self.clamped = clamped  # the lowered max_tokens, when start_generation clamped it
+        self._text: list[str] | None = [] if ticket.meter.log_prompts else None
 
     def observe(self, item: Any) -> None:
         if isinstance(item, Chunk):
             self._ticket.observe(item)
+            if self._text is not None:
+                self._text.append(item.text)
 
     async def ended(self, error: BaseException | None) -> None:
+        if self._text is not None:
+            log_prompt(True, "completion", "".join(self._text))
         await self._ticket.settle(200 if error is None else status_of(error))
 
 

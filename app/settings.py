@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -100,6 +101,14 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
                            description="Log level of the server.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per "
+        "line (time, level, logger, message, request_id, key_id, model, route, status, "
+        "latency_ms, prompt_tokens, completion_tokens) for log collectors.")
+    log_prompts: bool = Field(
+        False, description="Also log prompts and completions (at info level, with the "
+        "request id). Off by default: they are the users' data; turn it on only where "
+        "that is acceptable.")
     placement: Placement = Field(
         "local", description="Where models run: local (a worker process per model, spawned "
         "and restarted by serve), remote (workers started with `llm-api worker` on any host, "
@@ -210,6 +219,51 @@ class WorkerSettings(BaseModel):
         return self
 
 
+#: Histogram buckets (seconds) that resolve a CPU's and a GPU's speeds alike.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
+                   640.0)
+
+
+def _buckets(values: list[float]) -> list[float]:
+    if not values or len(values) > 64 or any(b <= 0 for b in values) \
+            or sorted(set(values)) != values:
+        raise ValueError("buckets must be 1 to 64 increasing positive numbers of seconds")
+    return values
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics at /metrics (see docs/monitoring.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Serve /metrics (an admin key is needed on the "
+                          "server's own port).")
+    listen: str | None = Field(None, pattern=r"^[^\s:]*:\d{1,5}$", description="host:port "
+                               "of a separate listener serving /metrics without a key, for "
+                               "scrapers on a private network, e.g. 127.0.0.1:9464.")
+    per_key: bool = Field(False, description="Also export per-key series (label key_id): "
+                          "one series set per key, so only where keys are few (cardinality).")
+    ttft_buckets: list[float] = Field(list(TTFT_BUCKETS), description="Buckets (seconds) of "
+                                      "the time-to-first-token histogram.")
+    itl_buckets: list[float] = Field(list(ITL_BUCKETS), description="Buckets (seconds) of "
+                                     "the inter-token latency histogram.")
+    latency_buckets: list[float] = Field(list(LATENCY_BUCKETS), description="Buckets "
+                                         "(seconds) of the end-to-end and queue-wait "
+                                         "histograms.")
+
+    _check_buckets = field_validator("ttft_buckets", "itl_buckets", "latency_buckets")(
+        _buckets)
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host or "0.0.0.0", int(port)  # noqa: S104 - the operator's choice
+
+
 class Settings(BaseSettings):
     """Everything the server reads from config.yaml and the environment."""
 
@@ -232,6 +286,8 @@ class Settings(BaseSettings):
                                   "in process.")
     workers: WorkerSettings = Field(default_factory=WorkerSettings,
                                     description="Remote workers over Redis Streams.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings,
+                                     description="Prometheus metrics.")
     models: dict[str, ModelConfig] = Field(default_factory=dict,
                                            description="Served models by name.")
     # The classic single-model form; folded into `models` under a derived name.

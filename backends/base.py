@@ -179,6 +179,12 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the engine's memory. Called once, in the engine thread."""
 
+    def engine_stats(self) -> dict[str, int]:
+        """Figures of the engine for /ready and /metrics, e.g. kv_cells_used,
+        kv_cells_total, prefix_reused_tokens. Called from other threads: read counters,
+        never call into the engine."""
+        return {}
+
 
 class BatchEngine(abc.ABC):
     """Many sequences decoded together on the model's engine thread; the scheduler drives it.

@@ -190,6 +190,14 @@ class LlamaBackend(Backend):
     def model_pointer(self) -> Any:
         return self._model.model
 
+    def engine_stats(self) -> dict[str, int]:
+        engine = self._engine
+        if engine is None:
+            return {}
+        return {"kv_cells_used": sum(len(slot.cached) for slot in engine.slots),
+                "kv_cells_total": engine.context_length * engine.max_sequences,
+                "prefix_reused_tokens": engine.reused_tokens}
+
     def batch_engine(self) -> BatchEngine:
         """The continuous-batching engine (one context of `parallel` sequences)."""
         if self._engine is None:

@@ -19,6 +19,7 @@ from backends.base import Backend, BatchEngine
 from backends.errors import LLMAPIError
 from engine.errors import ClientDisconnected, ModelNotReady, RequestTimeout, as_domain_error
 from engine.jobs import END, Job, deliver
+from engine.logctx import about, log_outcome
 
 if TYPE_CHECKING:
     from engine.scheduler import ModelScheduler
@@ -114,7 +115,8 @@ class BatchLoop:
             self.s.stats.running += 1
             return True
 
-    def _finish(self, outcome: str, started: float) -> None:
+    def _finish(self, job: Job, outcome: str, started: float) -> None:
+        log_outcome(job, outcome, started)
         with self.s._lock:
             self.s.stats.running -= 1
             self.s.stats.busy_seconds += time.monotonic() - started
@@ -123,7 +125,7 @@ class BatchLoop:
     def _run_other(self, job: Job) -> None:
         if self._begin(job):
             started = time.monotonic()
-            self._finish(self.s.run(job, self.backend), started)
+            self._finish(job, self.s.run(job, self.backend), started)
 
     def _embed(self, jobs: list[Job]) -> None:
         """Embed jobs together in bounded groups; a group that fails is retried job by job,
@@ -148,7 +150,7 @@ class BatchLoop:
             vectors = None
         if vectors is None:
             for job in group:
-                self._finish(self.s.run(job, self.backend), started)
+                self._finish(job, self.s.run(job, self.backend), started)
             return
         at = 0
         for job in group:
@@ -156,7 +158,7 @@ class BatchLoop:
             job.emit(vectors[at:at + n])
             job.emit(END)
             at += n
-            self._finish("completed", started)
+            self._finish(job, "completed", started)
 
     # -- sequences -------------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class BatchLoop:
                     "took longer than the server's request_timeout and was cancelled"
                 error = ClientDisconnected if job.cancelled.is_set() else RequestTimeout
                 self._emit(job, error(f"The request {why}."))
-                self._finish("cancelled", job.started)
+                self._finish(job, "cancelled", job.started)
 
     def _admit_waiting(self) -> None:
         while self.waiting and self.engine.active() < self.engine.max_sequences:
@@ -183,8 +185,9 @@ class BatchLoop:
             try:
                 accepted = self.engine.admit(key, job.request)
             except Exception as exc:  # noqa: BLE001 - becomes the client's error
-                self._emit(job, as_domain_error(exc))
-                self._finish("failed", job.started)
+                with about(job.request_id):
+                    self._emit(job, as_domain_error(exc))
+                self._finish(job, "failed", job.started)
                 continue
             self.running[key] = job
             self._emit(job, accepted)
@@ -197,7 +200,7 @@ class BatchLoop:
             for key, job in list(self.running.items()):
                 self.engine.cancel(key)
                 self._emit(job, error)
-                self._finish("failed", job.started)
+                self._finish(job, "failed", job.started)
             self.running.clear()
             return
         running, outbox, stats = self.running, self._outbox, self.s.stats
@@ -208,13 +211,13 @@ class BatchLoop:
             if isinstance(item, LLMAPIError):
                 del running[key]
                 outbox.append((owner, item))
-                self._finish("failed", owner.started)
+                self._finish(owner, "failed", owner.started)
                 continue
             outbox.append((owner, item))
             if item.finish_reason is not None:
                 del running[key]
                 outbox.append((owner, END))
-                self._finish("completed", owner.started)
+                self._finish(owner, "completed", owner.started)
             elif item.prompt_tokens is None:
                 stats.tokens_generated += 1
 
@@ -222,7 +225,7 @@ class BatchLoop:
         for key, job in list(self.running.items()):
             self.engine.cancel(key)
             job.emit(ModelNotReady(f"Model '{self.s.name}' is shutting down."))
-            self._finish("cancelled", job.started)
+            self._finish(job, "cancelled", job.started)
         self.running.clear()
         while self.waiting:
             job = self.waiting.popleft()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import GenerationRequest
 from engine.errors import EngineRestarted, ModelNotReady
 from engine.jobs import END, Job, JobStream, deliver, first_item
+from engine.logctx import REQUEST_ID
 from engine.ops import ModelLimits, Prepared
 from engine.wire import item_in, job_out
 
@@ -33,12 +35,16 @@ class ModelInfo:
     stats: dict[str, Any] = field(default_factory=dict)
     workers: int | None = None  # live workers (remote models)
     restarts: int = 0
+    #: How the load went where the model runs: load_seconds, memory_bytes (the resident
+    #: memory of its process once loaded), file, parallel.
+    load: dict[str, Any] = field(default_factory=dict)
+    heartbeats: dict[str, float] = field(default_factory=dict)  # remote: worker -> age (s)
 
     def as_dict(self) -> dict[str, Any]:
         return {"state": self.state, "error": self.error,
                 "capabilities": sorted(self.capabilities),
                 "context_length": self.context_length, "stats": dict(self.stats),
-                "workers": self.workers, "restarts": self.restarts}
+                "workers": self.workers, "restarts": self.restarts, "load": dict(self.load)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
@@ -46,7 +52,7 @@ class ModelInfo:
                    capabilities=frozenset(data.get("capabilities", ())),
                    context_length=data.get("context_length"),
                    stats=dict(data.get("stats") or {}), workers=data.get("workers"),
-                   restarts=int(data.get("restarts", 0)))
+                   restarts=int(data.get("restarts", 0)), load=dict(data.get("load") or {}))
 
 
 class EngineClient(abc.ABC):
@@ -59,6 +65,7 @@ class EngineClient(abc.ABC):
         self.limits = limits
         self.info = ModelInfo()
         self._loaded = asyncio.Event()
+        self._live: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs read on this loop
 
     # -- lifecycle (the app's lifespan) ----------------------------------------------------
 
@@ -87,10 +94,19 @@ class EngineClient(abc.ABC):
 
     async def _stream(self, call: tuple[str, tuple[Any, ...]] | None = None,
                       **fields: Any) -> JobStream:
-        job = Job.on_loop(self.limits.request_timeout, **fields)
+        job = Job.on_loop(self.limits.request_timeout, request_id=REQUEST_ID.get(), **fields)
         self.submit(job, call)
         job.arm()
+        self._live.add(job)
         return await first_item(job)
+
+    def interrupt_all(self, error: BaseException) -> int:
+        """End every job still running with `error` (the server is shutting down); how
+        many there were."""
+        live = [job for job in self._live if not job.cancelled.is_set()]
+        for job in live:
+            job.interrupt(error)
+        return len(live)
 
     async def generate(self, request: GenerationRequest) -> JobStream:
         """Stream a generation; returns once the prompt was accepted (the first chunk)."""

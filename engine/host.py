@@ -18,6 +18,7 @@ from backends.base import Backend
 from engine.errors import as_domain_error
 from engine.inprocess import bind_call
 from engine.jobs import END, Job
+from engine.logctx import MAX_REQUEST_ID
 from engine.ops import CALLS, ModelLimits
 from engine.scheduler import ModelScheduler
 from engine.wire import item_out, request_in
@@ -70,14 +71,17 @@ class ModelHost:
         return {"state": s.state, "error": s.error,
                 "capabilities": sorted(backend.capabilities) if backend else [],
                 "context_length": backend.context_length if backend else None,
-                "stats": s.stats.as_dict()}
+                "stats": {**s.stats.as_dict(), **(backend.engine_stats() if backend else {})},
+                "load": s.load}
 
     def open(self, sink: HostSink, message: dict[str, Any]) -> Job:
         """Start the job a message describes: {"id", "timeout", and "request" (a
         generation), "texts" (an embedding) or "call": [name, args]}. A job that cannot be
         accepted gets its error as its one item."""
+        request_id = message.get("request_id")
         job = Job(sink=sink, deadline=time.monotonic() + float(message["timeout"]),
-                  id=str(message["id"]))
+                  id=str(message["id"]),
+                  request_id=str(request_id)[:MAX_REQUEST_ID] if request_id else None)
         with self._lock:
             self._jobs[job.id] = job
         try:

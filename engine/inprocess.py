@@ -31,7 +31,9 @@ class InProcessClient(EngineClient):
         return ModelInfo(state=s.state, error=s.error,
                          capabilities=backend.capabilities if backend else frozenset(),
                          context_length=backend.context_length if backend else None,
-                         stats=s.stats.as_dict())
+                         stats={**s.stats.as_dict(),
+                                **(backend.engine_stats() if backend else {})},
+                         load=s.load)
 
     @info.setter
     def info(self, value: ModelInfo) -> None:  # the base class sets it once; derived here

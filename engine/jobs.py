@@ -114,6 +114,7 @@ class Job:
     request: GenerationRequest | None = None  # a generation
     texts: list[str] | None = None  # an embedding
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str | None = None  # the HTTP request's, for log lines (engine.logctx)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
     seq: int = 0  # items emitted so far (a worker numbers them: a rerun skips those sent)
@@ -151,11 +152,16 @@ class Job:
             self.timer = None
 
     def _expire(self) -> None:
-        self.timer = None
+        self.interrupt(RequestTimeout("The request took longer than the server's "
+                                      "request_timeout and was cancelled."))
+
+    def interrupt(self, error: BaseException) -> None:
+        """On the loop: cancel the job and end its stream with `error` (a timeout, or the
+        server shutting down)."""
+        self.disarm()
         self.cancel()
         if self.out is not None:
-            self.out.put_nowait(RequestTimeout("The request took longer than the server's "
-                                               "request_timeout and was cancelled."))
+            self.out.put_nowait(error)
 
     async def next(self) -> Any:
         """The next item; domain errors (a timeout too) re-raised."""

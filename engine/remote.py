@@ -205,8 +205,18 @@ class RemoteClient(TransportClient):
         assert self.redis is not None
         found: Any = await self.redis.smembers(self.keys.workers)
         ids = sorted(i.decode() for i in found)
-        values: Any = await self.redis.mget([self.keys.worker(i) for i in ids]) if ids else []
+        values: Any = []
+        ttls: Any = []
+        if ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.mget([self.keys.worker(i) for i in ids])
+                for i in ids:
+                    pipe.pttl(self.keys.worker(i))
+                values, *ttls = await pipe.execute()
         live: list[dict[str, Any]] = []
+        # A heartbeat resets its key's time to live: the age needs no clock of the worker's.
+        self.info.heartbeats = {i: max(0.0, self.cfg.dead_after_seconds - ttl / 1000)
+                                for i, ttl in zip(ids, ttls, strict=True) if ttl >= 0}
         for value in values:
             with contextlib.suppress(ValueError, TypeError):
                 if value and (info := loads(value)).get("state") == "ready":

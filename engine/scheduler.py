@@ -33,6 +33,7 @@ from backends.errors import LLMAPIError, ModelLoadError
 from engine.batching import BatchLoop
 from engine.errors import ClientDisconnected, ModelNotReady, Overloaded, as_domain_error
 from engine.jobs import END, Job
+from engine.logctx import about, log_outcome
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ class SchedulerStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), e.g. a worker's once its model is loaded."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _yield_cpu() -> None:
@@ -68,6 +78,7 @@ class ModelScheduler:
         self.state = "loading"
         self.error: str | None = None
         self.stats = SchedulerStats()
+        self.load: dict[str, Any] = {}  # how the load went (engine.client.ModelInfo.load)
         self.backend: Backend | None = None
         self._loader = loader
         self._on_state = on_state
@@ -102,6 +113,7 @@ class ModelScheduler:
             self._on_state(self)
 
     def _main(self) -> None:
+        started = time.monotonic()
         try:
             backend, engine = self._load()
         except Exception as exc:  # noqa: BLE001 - reported through state and the log
@@ -114,6 +126,8 @@ class ModelScheduler:
             return
         self.backend = backend
         self.capacity = engine.max_sequences if engine is not None else 1
+        self.load = {"load_seconds": round(time.monotonic() - started, 3),
+                     "memory_bytes": resident_bytes(), "parallel": self.capacity}
         self._set_state("ready")
         self.loaded.set()
         log.info("model %s is ready", self.name)
@@ -170,11 +184,16 @@ class ModelScheduler:
         on the engine thread, for a backend that must) only as busy time."""
         self.stats.running -= 1
         self.stats.busy_seconds += time.monotonic() - started
+        log_outcome(job, outcome, started)
         if job.request is not None or job.texts is not None:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
     def run(self, job: Job, backend: Backend) -> str:
         """Run a job's work to its end on this thread; its outcome's stats name."""
+        with about(job.request_id):
+            return self._run(job, backend)
+
+    def _run(self, job: Job, backend: Backend) -> str:
         items: Iterator[Any] = iter(())
         try:
             items = work_of(job)(backend)  # in the try: a backend may fail before its first item

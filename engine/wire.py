@@ -56,6 +56,8 @@ def request_in(data: dict[str, Any]) -> GenerationRequest:
 def job_out(job: Job, call: tuple[str, tuple[Any, ...]] | None, timeout: float) -> dict[str, Any]:
     """The message that starts `job` where its model runs (see `engine.host.ModelHost.open`)."""
     message: dict[str, Any] = {"id": job.id, "timeout": timeout}
+    if job.request_id is not None:
+        message["request_id"] = job.request_id
     if call is not None:
         name, args = call
         if name == "prepare":

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.host import Batch, HostSink, ModelHost
+from engine.logctx import RequestIdFilter
 from engine.ops import ModelLimits
 from engine.wire import dumps, loads
 
@@ -79,7 +80,8 @@ class PipeLogHandler(logging.Handler):
         try:
             error = _FORMAT.formatException(record.exc_info) if record.exc_info else None
             self.send({"op": "log", "name": record.name, "level": record.levelno,
-                       "message": record.getMessage(), "error": error})
+                       "message": record.getMessage(), "error": error,
+                       "request_id": getattr(record, "request_id", None)})
         except Exception:  # noqa: BLE001 - the API process is gone
             self.handleError(record)
 
@@ -91,7 +93,7 @@ def log_record(model: str, message: dict[str, Any]) -> logging.LogRecord:
         "name": str(message.get("name", "engine")), "levelno": level,
         "levelname": logging.getLevelName(level),
         "msg": f"[worker {model}] {message.get('message', '')}",
-        "exc_text": message.get("error")})
+        "exc_text": message.get("error"), "request_id": message.get("request_id")})
 
 
 def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Where) -> None:
@@ -111,7 +113,9 @@ def local_main(conn: Connection, payload: dict[str, Any], name: str, where: Wher
             conn.send_bytes(data)
 
     root = logging.getLogger()
-    root.handlers[:] = [PipeLogHandler(send)]
+    handler = PipeLogHandler(send)
+    handler.addFilter(RequestIdFilter())
+    root.handlers[:] = [handler]
     root.setLevel(where.log_level)
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -36,7 +36,7 @@ class ModelReadiness(BaseModel):
 class Readiness(BaseModel):
     """/ready's body: 200 when every model is loaded, else 503 with the same body."""
 
-    status: Literal["ready", "not_ready"]
+    status: Literal["ready", "not_ready", "shutting_down"]
     models: list[ModelReadiness]
 
 
@@ -54,8 +54,9 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=Readiness, responses={
     503: {"model": Readiness, "description": "A model is not loaded (yet, or failed)."}})
-async def ready(pool: PoolDep) -> JSONResponse:
-    """200 once every model is loaded, else 503; lists each model's state and load."""
+async def ready(pool: PoolDep, request: Request) -> JSONResponse:
+    """200 once every model is loaded, else 503 (also while the server shuts down); lists
+    each model's state and load."""
     models: list[dict[str, Any]] = []
     await asyncio.gather(*(client.refresh() for client in pool.clients.values()))
     for name, client in pool.clients.items():
@@ -72,5 +73,7 @@ async def ready(pool: PoolDep) -> JSONResponse:
             "restarts": info.restarts, "workers": info.workers,
         })
     status = "ready" if pool.all_ready() else "not_ready"
+    if request.app.state.lifecycle.draining:
+        status = "shutting_down"
     return JSONResponse({"status": status, "models": models},
                         status_code=200 if status == "ready" else 503)

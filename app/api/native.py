@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from app import service
+from app import service, telemetry
 from app.api.docs import GENERATION_ERRORS, MODEL_ERRORS, errors, event_stream
 from app.auth.deps import MeterDep
 from app.deps import PoolDep, SettingsDep
@@ -104,6 +104,7 @@ async def chat_completion(body: QueueChatRequest, request: Request, response: Re
 async def _run_job(job: QueueJob, generation: GenerationRequest, request: Request,
                    response: Response, pool: PoolDep, meter: MeterDep) -> QueueAnswer:
     request.state.request_id = response.headers["X-Request-ID"] = job.job_id
+    telemetry.rename(job.job_id)
     scheduler = pool.get(job.meta.model, meter.may_use)
     log.info("job %s (source %r, priority %s) on model %s", job.job_id, job.source,
              job.priority, scheduler.name)

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
 from starlette.types import Scope
 
+from app import telemetry
 from app.auth.keys import MAX_SECRET_CHARS, now
 from app.auth.meter import Accounts, Meter
 from app.auth.schemas import KeyInfo
@@ -96,6 +97,7 @@ async def identify(state: Any, headers: Mapping[str, str], address: str) -> KeyI
 def remember_key(scope: Scope, key: KeyInfo) -> None:
     """Keep the key the request gate found for `authenticate` (one lookup per request)."""
     scope.setdefault("state", {})[_KEY_STATE] = key
+    telemetry.note_key(key.id)
 
 
 async def count_once(scope: Scope, accounts: Accounts, key: KeyInfo) -> None:
@@ -118,6 +120,7 @@ async def authenticate(request: Request) -> KeyInfo | None:
     key: KeyInfo | None = request.scope.get("state", {}).get(_KEY_STATE)
     if key is None:  # a route the gate did not see as needing a key: check it here
         key = await identify(request.app.state, request.headers, client_address(request.scope))
+        telemetry.note_key(key.id)
     return key
 
 
@@ -152,7 +155,8 @@ AdminDep = Annotated[KeyInfo, Depends(require_admin)]
 async def metered(request: Request, key: CountedKeyDep) -> AsyncIterator[Meter]:
     """The request's meter. A request that fails records its status here; a meter the work
     never settled (a stream the client left before it began) is settled after the response."""
-    meter = Meter(get_accounts(request), key, request.url.path)
+    meter = Meter(get_accounts(request), key, request.url.path, request.app.state.metrics,
+                  request.app.state.settings.server.log_prompts)
     try:
         yield meter
     except BaseException as exc:

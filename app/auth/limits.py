@@ -86,7 +86,8 @@ def rejection(kind: int, used: int, key: KeyInfo, tokens: int, now: float) -> Ra
                    f"in {reset} s.")
     headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(
         max(0, limit - used)), "X-RateLimit-Reset": str(reset)}
-    return RateLimited(message, retry_after=reset, headers=headers)
+    return RateLimited(message, retry_after=reset, headers=headers,
+                       reason={1: "max_parallel", 2: "rpm"}.get(kind, "tpm"))
 
 
 class LocalLimiter:

@@ -24,11 +24,13 @@ from typing import Any, TypeVar
 import anyio
 from anyio import to_thread
 
+from app import telemetry
 from app.auth.keys import now
 from app.auth.limits import Grant, Limiter
 from app.auth.schemas import KeyInfo
 from app.auth.store import KeyStore, Usage
 from app.errors import KeyRevoked, ModelNotAllowed, QuotaExceeded, spec_for
+from app.metrics import Metrics, StreamClock
 from backends.base import Chunk
 from backends.errors import LLMAPIError
 
@@ -76,11 +78,15 @@ def status_of(exc: BaseException) -> int:
 class Meter:
     """One HTTP request's accounting: the caller's key and the tickets of its work."""
 
-    def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str) -> None:
+    def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str,
+                 metrics: Metrics | None = None, log_prompts: bool = False) -> None:
         self.accounts = accounts
         self.key = key
         self.endpoint = endpoint
+        self.metrics = metrics
+        self.log_prompts = log_prompts  # server.log_prompts
         self.tickets: list[Ticket] = []
+        self.record = telemetry.current()  # the access line's
 
     def may_use(self, model: str) -> bool:
         allowed = self.key.allowed_models if self.key is not None else []
@@ -142,6 +148,8 @@ class Ticket:
         self._admitted = False
         self._settled = False
         self._started = time.monotonic()
+        metrics = meter.metrics
+        self.clock = StreamClock(metrics, model, self._started) if metrics else None
 
     async def admit(self, count_tokens: TokenCount | None) -> None:
         key = self.meter.key
@@ -193,7 +201,7 @@ class Ticket:
             return QuotaExceeded(
                 f"Request quota used up: {key.used_requests} of {key.max_requests} requests.",
                 headers={"X-RateLimit-Limit": str(key.max_requests),
-                         "X-RateLimit-Remaining": "0"})
+                         "X-RateLimit-Remaining": "0"}, reason="requests")
         limit = key.max_tokens or 0
         left = max(0, limit - key.used_tokens - key.reserved_tokens)
         return QuotaExceeded(
@@ -201,7 +209,8 @@ class Ticket:
             f"{key.reserved_tokens} reserved by running requests; this request needs {tokens} "
             f"(prompt + max_tokens), {left} are left.",
             retry_after=1 if key.reserved_tokens else None,
-            headers={"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(left)})
+            headers={"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(left)},
+            reason="tokens")
 
     def observe(self, chunk: Chunk) -> None:
         """Note a chunk of the stream: token counts when the backend reports them."""
@@ -211,6 +220,8 @@ class Ticket:
             self.completion_tokens = chunk.completion_tokens
         elif chunk.text:
             self.pieces += 1
+        if chunk.text and self.clock is not None:
+            self.clock.piece()
 
     @property
     def used_tokens(self) -> int:
@@ -239,7 +250,20 @@ class Ticket:
             prompt_words=self.words, latency_ms=(time.monotonic() - self._started) * 1000,
             created_at=now())
         key_id = key.id if key is not None and self._admitted else None
+        self._report(usage)
         await to_thread.run_sync(accounts.store.settle, key_id, self._lease, self.reserved,
                                  used, not self.running, usage)
         if self._admitted:
             await accounts.limiter.finish(self._grant, used)
+
+    def _report(self, usage: Usage) -> None:
+        """Tell the access line and the metrics what this work was."""
+        record, metrics = self.meter.record, self.meter.metrics
+        if record is not None:
+            record.model = self.model
+            record.prompt_tokens += usage.prompt_tokens
+            record.completion_tokens += usage.completion_tokens
+        if metrics is not None:
+            metrics.settled(self.model, self.meter.endpoint, usage.status, usage.key_id,
+                            usage.prompt_tokens, usage.completion_tokens,
+                            usage.latency_ms / 1000)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -91,13 +93,16 @@ def test_serve_exits_non_zero_when_a_model_cannot_load(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_with_a_stream_open_cancels_it_and_exits_0(tmp_path: Path,
-                                                            sig: signal.Signals) -> None:
+def test_a_signal_drains_then_cuts_the_open_stream_settles_it_and_exits_0(
+        tmp_path: Path, sig: signal.Signals) -> None:
     """A stream that can only end by being cancelled (the scripted family's `endless`, one
-    piece every 0.02 s up to max_tokens: 30 s, far past the 1 s graceful shutdown, so the
-    test ends even if nothing cancels it); the signal shuts the server down gracefully."""
+    piece every 0.02 s up to max_tokens: 30 s, far past the 2 s graceful shutdown, so the
+    test ends even if nothing cancels it). On the signal the server drains: /ready is 503
+    at once and a new request gets 503 with Retry-After while the stream still runs; after
+    graceful_shutdown_seconds the stream is cut with an SSE error frame, its usage is
+    recorded (503, the pieces it got), and the process exits 0."""
     proc, client = serve(tmp_path, {"models": {"script": {"model_family": "scripted"}},
-                                    "server": {"graceful_shutdown_seconds": 1}})
+                                    "server": {"graceful_shutdown_seconds": 2}})
     limit = 1500
     received = []
     try:
@@ -107,10 +112,18 @@ def test_a_signal_with_a_stream_open_cancels_it_and_exits_0(tmp_path: Path,
             events = parse_sse(response.iter_lines())
             received.append(next(events))
             proc.send_signal(sig)
-            try:
-                received.extend(events)
-            except httpx.HTTPError:
-                pass  # the server cut the stream
+            with httpx.Client(base_url=client.base_url, timeout=10) as other:
+                deadline = time.monotonic() + 2
+                while (ready := other.get("/ready")).status_code == 200 \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert ready.status_code == 503
+                assert ready.json()["status"] == "shutting_down"
+                refused = other.post("/generate", json={"model": "script", "prompt": "hi"})
+                assert refused.status_code == 503
+                assert int(refused.headers["Retry-After"]) >= 1
+                assert refused.json()["error"]["code"] == "server_shutting_down"
+            received.extend(events)
         returncode = proc.wait(timeout=60)
     finally:
         proc.kill()
@@ -121,5 +134,12 @@ def test_a_signal_with_a_stream_open_cancels_it_and_exits_0(tmp_path: Path,
     closed = re.search(CLOSED_EARLY.replace("%d", r"(\d+)"), output)
     assert closed is not None, output
     sent, asked = int(closed[1]), int(closed[2])
-    assert asked == limit and len(received) <= sent < limit
-    assert set(received) == {("message", "tick ")}
+    *ticks, last = received
+    assert asked == limit and len(ticks) <= sent < limit
+    assert set(ticks) == {("message", "tick ")}
+    assert last[0] == "error"
+    assert json.loads(last[1])["error"]["code"] == "server_shutting_down"
+    with sqlite3.connect(tmp_path / "data" / "llm-api.db") as db:
+        rows = db.execute("SELECT endpoint, status, completion_tokens FROM usage").fetchall()
+    assert ("/agenerate", 503, len(ticks)) in rows
+    assert ("/generate", 503, 0) not in rows  # refused before it reached a model

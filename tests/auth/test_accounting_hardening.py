@@ -189,8 +189,11 @@ class FaultyStore:
 
 
 def http_request(accounts: Accounts) -> Request:
-    """What the `metered` dependency reads of a request: the app's accounts and the path."""
-    app = SimpleNamespace(state=SimpleNamespace(accounts=accounts))
+    """What the `metered` dependency reads of a request: the app's accounts, metrics and
+    settings, and the path."""
+    app = SimpleNamespace(state=SimpleNamespace(
+        accounts=accounts, metrics=None,
+        settings=SimpleNamespace(server=SimpleNamespace(log_prompts=False))))
     return Request({"type": "http", "app": app, "method": "POST", "path": "/generate",
                     "query_string": b"", "headers": [], "scheme": "http",
                     "server": ("test", 80), "root_path": ""})

@@ -43,6 +43,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/admin/keys/999/revoke", None, "admin"),
     ("POST", "/admin/keys/999/rotate", None, "admin"),
     ("GET", "/admin/usage", None, "admin"),
+    ("GET", "/metrics", None, "admin"),
 ]
 CALLERS = ["no key", "malformed header", "unknown key", "expired", "not yet valid", "revoked",
            "wrong model", "user", "admin"]

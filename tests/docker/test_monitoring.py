@@ -428,7 +428,6 @@ def _exposed(text: str) -> dict[str, tuple[str, set[str]]]:
     return exposed
 
 
-@pytest.mark.xfail(strict=False, reason="waiting for app/metrics.py")
 def test_live_metrics_match_the_contract(live_server: Any) -> None:
     """A real server (auth on, per-key series, the separate listener as in compose) after one
     generation: every contract metric is exposed with its type and labels, every llm_api_
