@@ -83,6 +83,14 @@ def rename(request_id: str) -> None:
     REQUEST_ID.set(request_id)
 
 
+def printable(text: str, limit: int = 256) -> str:
+    """`text` safe on one log line: control characters escaped (a path may hold a decoded
+    %0A), bounded in length."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-ID when it is valid, else a new id."""
     for name, value in headers:
@@ -106,8 +114,8 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        record = RequestRecord(request_id_of(scope["headers"]), scope["method"], scope["path"],
-                               time.monotonic())
+        record = RequestRecord(request_id_of(scope["headers"]), printable(scope["method"]),
+                               printable(scope["path"]), time.monotonic())
         scope.setdefault("state", {})["llm_api_record"] = record
         tokens = RECORD.set(record), REQUEST_ID.set(record.request_id)
 

@@ -278,5 +278,10 @@ def test_log_prompts_logs_prompt_and_completion_with_the_request_id(tmp_path: Pa
         logged = [line for line in server.lines if "llm_api.prompts [rid-p1]" in line]
         assert any(f"prompt: {PROMPT_MARK}" in line for line in logged), server.lines
         assert any(line.endswith(f"completion: {text}") for line in logged), logged
+        # A path with a decoded newline stays on its access line.
+        server.client.get("/v1/models%0A2026-01-01 00:00:00 INFO forged: line")
+        time.sleep(0.3)
+        assert not [line for line in server.lines if line.startswith("2026-01-01")]
+        assert any("/v1/models\\n2026-01-01" in line for line in server.lines)
     finally:
         server.stop()
