@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from app import __version__, metrics
 from app.api import admin, docs, health, native, openai
-from app.auth.deps import admin_only, counted_only, guarded
+from app.auth.deps import admin_only, admin_or_open, counted_only, guarded
 from app.auth.setup import install_store_errors, open_accounts, prepare_store
 from app.auth.throttle import make_throttle
 from app.errors import install_error_handlers
@@ -91,7 +91,7 @@ def create_app(settings: Settings, on_load_failure: Callable[[], None] | None = 
     app.include_router(docs.router, dependencies=counted_only())
     app.include_router(admin.admin, dependencies=admin_only())
     if settings.metrics.enabled:
-        app.include_router(metrics.router, dependencies=admin_only())
+        app.include_router(metrics.router, dependencies=admin_or_open())
     return app
 
 

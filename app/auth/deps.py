@@ -180,3 +180,15 @@ def counted_only() -> list[DependsParam]:
 
 def admin_only() -> list[DependsParam]:
     return [Depends(counted), Depends(require_admin)]
+
+
+async def admin_unless_open(request: Request, key: KeyDep) -> None:
+    """An admin key, or none at all when authentication is off (everything is open then)."""
+    if key is not None:
+        await require_admin(request, key)
+
+
+def admin_or_open() -> list[DependsParam]:
+    """Router dependencies of operator routes (/metrics): like `admin_only`, but open when
+    auth is disabled, as every other route then is."""
+    return [Depends(counted), Depends(admin_unless_open)]

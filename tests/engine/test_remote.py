@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     TINY_GGUF,
@@ -66,7 +67,10 @@ class Cluster:
         if self.netns and on_host_b:
             command = ["ip", "netns", "exec", self.netns, *command]
         log = (self.directory / f"worker{len(self.workers)}.log").open("wb")
-        worker = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "LLM_API_SERVER__LOG_FORMAT": "json",
+               "LLM_API_SERVER__LOG_LEVEL": "debug"}
+        worker = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env=env)
         self.workers.append(worker)
         return worker
 
@@ -139,6 +143,33 @@ def test_request_is_served_by_a_worker_and_streamed_back(cluster: Cluster) -> No
     assert "generate" in ready["capabilities"] and ready["context_length"] == 4096
     vectors = cluster.api.client.post("/embeddings", json={"model": "tiny", "text": "a b"})
     assert vectors.status_code == 200, vectors.text
+
+
+def test_the_request_id_reaches_the_worker_log_and_heartbeats_the_metrics(
+        cluster: Cluster) -> None:
+    rid = f"remote-{uuid.uuid4().hex[:12]}"
+    response = cluster.api.client.post("/generate", json=greedy(3),
+                                       headers={"X-Request-ID": rid})
+    assert response.status_code == 200 and response.headers["x-request-id"] == rid
+
+    def logged() -> list[dict[str, Any]]:
+        lines = [line for i in range(len(cluster.workers))
+                 for line in cluster.worker_log(i).splitlines() if rid in line]
+        return [json.loads(line) for line in lines]
+
+    wait_for(lambda: any(r["message"].startswith("generation completed") for r in logged()),
+             what="the worker's line about the request")
+    assert {r["request_id"] for r in logged()} == {rid}
+    metrics = cluster.api.client.get("/metrics")  # auth is off: open
+    assert metrics.status_code == 200
+    ages = [s.value for family in text_string_to_metric_families(metrics.text)
+            if family.name == "llm_api_worker_heartbeat_age_seconds"
+            for s in family.samples if s.labels["model"] == "tiny"]
+    assert len(ages) == 2 and all(0 <= age <= 1.0 for age in ages)
+    workers = [s.value for family in text_string_to_metric_families(metrics.text)
+               if family.name == "llm_api_workers" for s in family.samples
+               if s.labels["model"] == "tiny"]
+    assert workers == [2]
 
 
 def test_no_live_worker_is_503_naming_the_model(cluster: Cluster) -> None:
