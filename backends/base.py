@@ -25,6 +25,8 @@ TOKENIZE = "tokenize"
 JSON_OUTPUT = "json_output"
 #: Per-token log-probabilities of the generated text (and the likeliest alternatives).
 LOGPROBS = "logprobs"
+#: Function tools rendered by the chat template (`apply_chat_template(..., tools=)`).
+TOOLS = "tools"
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,13 @@ class GenerationRequest:
     """A prompt (or chat messages) plus the parameters to generate with."""
 
     prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    # OpenAI-shaped chat messages: role, content, and an assistant's tool_calls (arguments
+    # as objects, as chat templates expect) or a tool result's tool_call_id.
+    messages: tuple[dict[str, Any], ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+    # Function tools ({"type": "function", "function": {name, description, parameters}}),
+    # rendered by the chat template (a backend with the TOOLS capability).
+    tools: tuple[dict[str, Any], ...] | None = None
     # The prompt as the engine feeds it (template applied, tokenized), when the server
     # tokenized it off the engine thread; None: the backend tokenizes it itself.
     prompt_ids: tuple[int, ...] | None = None
@@ -155,8 +162,20 @@ class Backend(abc.ABC):
     def detokenize(self, ids: list[int]) -> str:
         raise CapabilityNotSupported(f"Model family '{self.family}' does not detokenize.")
 
-    def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Iterable[dict[str, Any]]) -> str:
+        """The prompt of chat `messages`; a backend with the TOOLS capability also takes
+        `tools=` (a list of function tools) and renders them with its template."""
         raise CapabilityNotSupported(f"Model family '{self.family}' has no chat template.")
+
+    def chat_prompt(self, messages: Iterable[dict[str, Any]],
+                    tools: Iterable[dict[str, Any]] | None = None) -> str:
+        """The chat template's prompt, with `tools` when there are any (a family without
+        tools keeps the one-argument `apply_chat_template`)."""
+        if tools:
+            render: Any = self.apply_chat_template
+            prompt: str = render(messages, tools=list(tools))
+            return prompt
+        return self.apply_chat_template(messages)
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         """The token ids the engine feeds for the request: its `prompt_ids` when the server
@@ -168,7 +187,8 @@ class Backend(abc.ABC):
             raise CapabilityNotSupported(f"'suffix' (fill-in-the-middle) is not supported by "
                                          f"model family '{self.family}'.", param="suffix")
         if request.messages is not None:
-            return self.tokenize(self.apply_chat_template(request.messages), add_special=False)
+            return self.tokenize(self.chat_prompt(request.messages, request.tools),
+                                 add_special=False)
         return self.tokenize(request.prompt or "")
 
     def batch_engine(self) -> BatchEngine | None:

@@ -217,14 +217,15 @@ class HFBackend(Backend):
         text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
-    def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Iterable[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if not self._tokenizer.chat_template:
             raise CapabilityNotSupported("This model has no chat template (its tokenizer "
                                          "defines none); use plain completion or set "
                                          "model_params.chat_template.", param="messages")
         with chat_template_refusals():
             prompt: str = self._tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True)
+                list(messages), tools=tools, tokenize=False, add_generation_prompt=True)
         return prompt
 
     # -- generation ------------------------------------------------------------------------

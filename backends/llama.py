@@ -173,13 +173,14 @@ class LlamaBackend(Backend):
             size = -n
         raise ValueError("detokenize: buffer sizing failed")
 
-    def apply_chat_template(self, messages: Iterable[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Iterable[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if self._chat is None:
             raise CapabilityNotSupported("This model has no chat template (the GGUF carries no "
                                          "tokenizer.chat_template); use plain completion or "
                                          "set model_params.chat_template.")
         with chat_template_refusals():
-            prompt: str = self._chat(messages=list(messages)).prompt
+            prompt: str = self._chat(messages=list(messages), tools=tools).prompt
         return prompt
 
     @property

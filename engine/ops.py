@@ -67,7 +67,7 @@ def reservation(backend: Backend, request: GenerationRequest) -> int:
         prompt = len(request.prompt_ids)
     elif TOKENIZE in backend.capabilities and request.messages is not None \
             and CHAT in backend.capabilities:
-        prompt = len(backend.tokenize(backend.apply_chat_template(request.messages),
+        prompt = len(backend.tokenize(backend.chat_prompt(request.messages, request.tools),
                                       add_special=False))
     elif TOKENIZE in backend.capabilities and request.messages is None:
         prompt = len(backend.tokenize(request.prompt or ""))

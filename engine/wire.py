@@ -38,6 +38,7 @@ def request_out(request: GenerationRequest) -> dict[str, Any]:
     params = asdict(request.params)
     return {"prompt": request.prompt,
             "messages": list(request.messages) if request.messages is not None else None,
+            "tools": list(request.tools) if request.tools else None,
             "params": params,
             "prompt_ids": list(request.prompt_ids) if request.prompt_ids is not None else None}
 
@@ -47,8 +48,10 @@ def request_in(data: dict[str, Any]) -> GenerationRequest:
     params["stop"] = tuple(params.get("stop") or ())
     messages = data.get("messages")
     ids = data.get("prompt_ids")
+    tools = data.get("tools")
     return GenerationRequest(prompt=data.get("prompt"),
                              messages=tuple(messages) if messages is not None else None,
+                             tools=tuple(tools) if tools else None,
                              params=GenerationParams(**params),
                              prompt_ids=tuple(ids) if ids is not None else None)
 
