@@ -167,15 +167,22 @@ class Backend(abc.ABC):
         `tools=` (a list of function tools) and renders them with its template."""
         raise CapabilityNotSupported(f"Model family '{self.family}' has no chat template.")
 
+    @property
+    def chat_template_text(self) -> str | None:
+        """The Jinja text of the template `apply_chat_template` renders; None when the family
+        does not expose one (its template is then trusted to render `tools` itself)."""
+        return None
+
     def chat_prompt(self, messages: Iterable[dict[str, Any]],
                     tools: Iterable[dict[str, Any]] | None = None) -> str:
-        """The chat template's prompt, with `tools` when there are any (a family without
-        tools keeps the one-argument `apply_chat_template`)."""
-        if tools:
-            render: Any = self.apply_chat_template
-            prompt: str = render(messages, tools=list(tools))
-            return prompt
-        return self.apply_chat_template(messages)
+        """The chat template's prompt of `messages` made template-ready, with `tools` when
+        there are any: rendered by the template when it reads `tools` (a family without
+        tools keeps the one-argument `apply_chat_template`), else described in the system
+        message (backends.chat_messages)."""
+        from backends.chat_messages import render_chat
+
+        render: Any = self.apply_chat_template
+        return render_chat(render, self.chat_template_text, messages, list(tools or ()))
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         """The token ids the engine feeds for the request: its `prompt_ids` when the server

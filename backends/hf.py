@@ -217,6 +217,15 @@ class HFBackend(Backend):
         text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
+    @property
+    def chat_template_text(self) -> str | None:
+        """The tokenizer's template (model_params.chat_template when set); of named ones,
+        the one transformers renders tools with."""
+        template = self._tokenizer.chat_template if self._tokenizer is not None else None
+        if isinstance(template, dict):
+            template = template.get("tool_use") or template.get("default")
+        return template or None
+
     def apply_chat_template(self, messages: Iterable[dict[str, Any]],
                             tools: list[dict[str, Any]] | None = None) -> str:
         if not self._tokenizer.chat_template:

@@ -101,6 +101,7 @@ class LlamaBackend(Backend):
         self._pieces: dict[int, bytes] = {}
         self._keys = itertools.count()  # keys of direct `generate` calls in the engine
         template = params.chat_template or model.metadata().get("tokenizer.chat_template")
+        self._template: str | None = template or None
         self._chat = self._formatter(template) if template else None
         caps = {GENERATE, TOKENIZE, JSON_OUTPUT, LOGPROBS} | (
             {EMBED} if params.embeddings else set())
@@ -172,6 +173,11 @@ class LlamaBackend(Backend):
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = -n
         raise ValueError("detokenize: buffer sizing failed")
+
+    @property
+    def chat_template_text(self) -> str | None:
+        """model_params.chat_template, else the GGUF's tokenizer.chat_template."""
+        return self._template
 
     def apply_chat_template(self, messages: Iterable[dict[str, Any]],
                             tools: list[dict[str, Any]] | None = None) -> str:
