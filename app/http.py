@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -123,6 +124,10 @@ def server_config(app: Any, server: ServerSettings, **overrides: Any) -> uvicorn
         # line (with the request id, key id and tokens) replaces uvicorn's.
         "log_config": None, "access_log": False,
         "timeout_graceful_shutdown": int(server.graceful_shutdown_seconds),
+        # Idle keep-alive connections live as long as a head may take (header_read_timeout
+        # closes them then): longer than the 5 s clients (httpx, the openai SDK) keep them,
+        # so a client never sends on a connection the server is closing at the same moment.
+        "timeout_keep_alive": max(6, math.ceil(server.header_read_timeout)),
         "http": protocol,
         # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: a local tunnel
         # would then let any client pick its address (and dodge the failed-key throttle).

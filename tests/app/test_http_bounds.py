@@ -125,3 +125,19 @@ def test_forwarded_for_counts_only_from_configured_proxies(tmp_path: Path,
     finally:
         server.stop()
     assert statuses == ([401, 401, 429, 429] if throttled else [401] * 4)
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(tmp_path: Path) -> None:
+    """httpx and the openai SDK keep an idle connection 5 s: the server keeps it longer
+    (until header_read_timeout), so a client reusing it at 5 s never finds it closing."""
+    live = LiveServer(REV, tmp_path).start()
+    try:
+        with connect(live) as sock:
+            request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(5.5)
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        live.stop()
