@@ -230,8 +230,9 @@ class ModelScheduler:
         with self._lock:
             if self.stats.queued + self.stats.running > self.max_queue + self.capacity - 1:
                 raise Overloaded(
-                    f"Model '{self.name}' is busy: {self.stats.queued} requests are waiting "
-                    f"(max_queue={self.max_queue}). Retry later.", self.retry_after())
+                    f"Model '{self.name}' is busy: {self.stats.running} requests are running "
+                    f"and {self.stats.queued} waiting; it takes {self.capacity} at once plus "
+                    f"max_queue={self.max_queue} waiting. Retry later.", self.retry_after())
             self.stats.queued += 1
         self._jobs.put(job)
 
