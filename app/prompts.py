@@ -10,6 +10,7 @@ feeds them, so a long prompt costs the decode loop nothing before its prefill.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from backends.base import GenerationRequest
@@ -35,8 +36,15 @@ class PromptTooLong(ContextLengthExceeded):
 
 
 def prompt_chars(request: GenerationRequest) -> int:
+    """What the template renders: the messages' text, their calls' arguments and the tool
+    definitions count too."""
     if request.messages is not None:
-        return sum(len(str(m.get("content", ""))) for m in request.messages)
+        chars = sum(len(str(m.get("content") or "")) for m in request.messages)
+        chars += sum(len(call["function"]["arguments"]) for m in request.messages
+                     for call in m.get("tool_calls") or ())
+        if request.tools:
+            chars += len(json.dumps(request.tools))
+        return chars
     return len(request.prompt or "") + len(request.params.suffix or "")
 
 

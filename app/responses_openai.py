@@ -6,9 +6,9 @@ import base64
 import struct
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from backends.base import Chunk, TokenLogprob
 
@@ -95,17 +95,42 @@ class CompletionLogprobs(BaseModel):
                    text_offset=offsets)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """tool_calls and reasoning_content only when there are any (as OpenAI sends)."""
+        data: dict[str, Any] = handler(self)
+        for name in ("tool_calls", "reasoning_content"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -120,9 +145,10 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role", "content"} first, {"content"} next, {} last
+    # {"role", "content"} first, {"content"} or {"tool_calls": [...]} next, {} last
+    delta: dict[str, Any]
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,7 +1,7 @@
 """Request schemas of the OpenAI-compatible API (/v1/*). Each turns itself into backend words.
 
 Fields the official `openai` SDK and LangChain send are accepted; a value the server cannot
-honour (tools, logit_bias, dimensions, ...) is a 400 `unsupported_parameter` that
+honour (logit_bias, dimensions, ...) is a 400 `unsupported_parameter` that
 says what is supported, never silently ignored. Unknown fields are rejected with the list of
 the allowed ones.
 """
@@ -24,7 +24,9 @@ MAX_MESSAGES = 1000
 MAX_CONTENT_PARTS = 1000  # text parts of one message
 MAX_PROMPTS = 64  # texts of one completion request (prompts x n is bounded the same)
 MAX_LOGIT_BIAS = 300  # OpenAI's bound; only an empty map is supported here anyway
-MAX_TOOLS = 128  # OpenAI's bound; only an empty list is supported here anyway
+MAX_TOOLS = 128  # OpenAI's bound
+MAX_TOOL_CALLS = 128  # calls of one assistant message in the history
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 MODEL_DOC = "Model name (GET /v1/models lists them)."
 
 
@@ -92,12 +94,30 @@ class TextPart(StrictSchema):
     text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
+class CalledFunction(StrictSchema):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_TEXT_CHARS, description="A JSON object as text.")
+
+
+class MessageToolCall(StrictSchema):
+    """A call in an assistant message of the history."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(StrictSchema):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="`developer` is treated as `system`.")
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] = Field(
-        description=f"A string or an array of at most {MAX_CONTENT_PARTS} text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="`developer` is treated as `system`; `tool` carries a tool's result.")
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = \
+        Field(None, description=f"A string or an array of at most {MAX_CONTENT_PARTS} text "
+              "parts; may be null on an assistant message with tool_calls.")
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, max_length=MAX_TOOL_CALLS, description="An assistant's calls (history).")
+    tool_call_id: str | None = Field(None, max_length=256, description="The call a `tool` "
+                                     "message answers.")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,15 +125,63 @@ class ChatMessage(StrictSchema):
         # Before validation the role may be any JSON value (a list is unhashable): compare
         # it as a string only when it is one.
         role = data.get("role") if isinstance(data, dict) else None
-        if isinstance(role, str) and role in {"tool", "function"}:
-            raise ValueError("tool and function messages are not supported (no tool calling); "
-                             "roles: system, developer, user, assistant")
+        if isinstance(role, str) and role == "function":
+            raise ValueError("function messages (the deprecated function-calling API) are "
+                             "not supported; send the result as a `tool` message with "
+                             "tool_call_id. Roles: system, developer, user, assistant, tool")
         return data
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else \
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it "
+                             "answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant "
+                             "message with tool_calls)")
+        return self
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else \
             "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+    def as_dict(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            message["name"] = self.name
+        return message
+
+
+class FunctionDef(StrictSchema):
+    name: str = Field(pattern=TOOL_NAME, description="a-z, A-Z, 0-9, _ and -; 1 to 64.")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the "
+                                              "arguments (an object).")
+    strict: bool | None = Field(None, description="Accepted; with tool_choice required or "
+                                "a named function the arguments always match the schema.")
+
+
+class ToolDef(StrictSchema):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionDef
+
+
+class NamedFunction(StrictSchema):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(StrictSchema):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(StrictSchema):
@@ -158,19 +226,50 @@ class ChatCompletionRequest(SamplingFields):
                                   "(models with the logprobs capability).")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="The likeliest tokens "
                                      "at each step; needs logprobs: true.")
-    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, description="Not "
-                                               "supported: only null or [].")
-    tool_choice: Annotated[str, Field(max_length=64)] | dict[str, Any] | None = Field(
-        None, description="Only null or 'none'.")
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS, description="Function "
+                                        "tools the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none: no calls; auto (the default with tools): text or calls; "
+        "required: one or more calls; a named function: a call of it. Forced calls are "
+        "constrained to the tools' parameter schemas.")
+    parallel_tool_calls: bool | None = Field(None, description="Several calls in one "
+                                             "answer (default true).")
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise UnsupportedParameter("Tool calling is not supported: 'tools' must be empty "
-                                       "and 'tool_choice' null or 'none'.", param="tools")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise InvalidRequest("'tool_choice' asks for a tool call but 'tools' is empty.",
+                                 param="tool_choice")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("'tools' names a function more than once; names must be "
+                                 "unique.", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) \
+                and self.tool_choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names function "
+                                 f"'{self.tool_choice.function.name}', which is not in "
+                                 f"'tools' ({', '.join(names)}).", param="tool_choice")
+        if self.logprobs and self.active_tools():
+            raise UnsupportedParameter("'logprobs' cannot be combined with 'tools' yet; drop "
+                                       "one of them.", param="logprobs")
+        if self.response_format is not None and self.response_format.type != "text" \
+                and self.forced_tools():
+            raise InvalidRequest("'response_format' and a forced tool_choice both constrain "
+                                 "the output; use one.", param="response_format")
+
+    def active_tools(self) -> list[ToolDef]:
+        """The tools the model is told about (none when tool_choice is none)."""
+        return [] if self.tool_choice == "none" else list(self.tools or ())
+
+    def forced_tools(self) -> tuple[str, ...] | None:
+        """The names the output must call (tool_choice required / named), else None."""
+        if self.tool_choice == "required":
+            return tuple(t.function.name for t in self.tools or ())
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return (self.tool_choice.function.name,)
+        return None
 
     def to_requests(self) -> list[GenerationRequest]:
         """One request per choice (`n`)."""
@@ -183,8 +282,13 @@ class ChatCompletionRequest(SamplingFields):
         elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             schema = fmt.json_schema.schema_ or {}
             params = replace(params, json_mode=True, json_schema=schema)
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.active_tools())
+        if tools:
+            params = replace(params, tool_choice=self.forced_tools(),
+                             parallel_tool_calls=self.parallel_tool_calls is not False)
         messages = tuple(m.as_dict() for m in self.messages)
-        return self.per_choice(GenerationRequest(messages=messages, params=params))
+        return self.per_choice(GenerationRequest(messages=messages, params=params,
+                                                 tools=tools or None))
 
 
 class CompletionRequest(SamplingFields):

@@ -27,6 +27,7 @@ from backends.base import (
     JSON_OUTPUT,
     LOGPROBS,
     TOKENIZE,
+    TOOLS,
     Chunk,
     GenerationRequest,
     TokenLogprob,
@@ -62,6 +63,11 @@ async def start_generation(model: EngineClient, request: GenerationRequest,
         _require(model, CHAT, "chat messages (it has no chat template)")
     if request.params.json_mode or request.params.json_schema is not None:
         _require(model, JSON_OUTPUT, "constrained JSON output (response_format)")
+    if request.tools:
+        _require(model, TOOLS, "tools (its chat template cannot render them)")
+    if request.params.tool_choice is not None:
+        _require(model, JSON_OUTPUT, "a forced tool_choice (constrained output); use "
+                 "tool_choice auto")
     if request.params.logprobs is not None:
         _require(model, LOGPROBS, "logprobs")
     bound_chars(model, prompt_chars(request),

@@ -8,6 +8,7 @@ the collected stream, so there is one code path.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,12 @@ class GenerationParams:
     # `json_mode`, a value matching `json_schema` when set. Others reject the request.
     json_mode: bool = False
     json_schema: dict[str, Any] | None = None
-    # The GBNF of json_mode/json_schema, written and checked before admission
+    # The output must be calls of these tools (tool_choice "required": every tool given;
+    # a named function: that one), in the model's tool-call format (backends.toolcalls);
+    # None: free text, calls parsed from it if the model makes any.
+    tool_choice: tuple[str, ...] | None = None
+    parallel_tool_calls: bool = True  # several calls in one answer
+    # The GBNF of json_mode/json_schema/tool_choice, written and checked before admission
     # (backends.grammar.prepare_grammar); None: the engine writes it itself.
     grammar: str | None = None
     # None: no log-probabilities; k >= 0: each generated token's log-probability under the
@@ -128,6 +134,8 @@ class Backend(abc.ABC):
     family: ClassVar[str] = ""
     Params: ClassVar[type[ModelParams]] = ModelParams
     capabilities: frozenset[str] = frozenset({GENERATE})
+    #: `model_params.tool_format` when set (else the chat template tells: `tool_format`).
+    tool_format_override: str | None = None
     #: "file": the weights are one file from the hub (`filename`); "snapshot": the needed
     #: files of a whole repository (config, tokenizer, weights); None: no files at all.
     weights: ClassVar[str | None] = "file"
@@ -173,14 +181,31 @@ class Backend(abc.ABC):
         does not expose one (its template is then trusted to render `tools` itself)."""
         return None
 
+    @functools.cached_property
+    def tool_format(self) -> str:
+        """How this model writes tool calls (a name of backends.toolcalls.FORMATS): from
+        `model_params.tool_format`, else what its chat template teaches; a template without
+        tools gets them as a system prompt asking for json (backends.chat_messages)."""
+        if self.tool_format_override:
+            return self.tool_format_override
+        from backends.chat_messages import template_reads_tools
+        from backends.toolcalls import detect_format
+
+        template = self.chat_template_text
+        if template is None or not template_reads_tools(template):
+            return "json"
+        return detect_format(template)
+
     def chat_prompt(self, messages: Iterable[dict[str, Any]],
                     tools: Iterable[dict[str, Any]] | None = None) -> str:
         """The chat template's prompt of `messages` made template-ready, with `tools` when
         there are any: rendered by the template when it reads `tools` (a family without
         tools keeps the one-argument `apply_chat_template`), else described in the system
         message (backends.chat_messages)."""
-        from backends.chat_messages import render_chat
+        from backends.chat_messages import render_chat, with_nine_char_ids
 
+        if tools and self.tool_format == "mistral":  # its templates refuse other call ids
+            messages = with_nine_char_ids(messages)
         render: Any = self.apply_chat_template
         return render_chat(render, self.chat_template_text, messages, list(tools or ()))
 

@@ -16,8 +16,10 @@ results as plain turns, so the model sees the same call format it is asked to us
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +54,39 @@ def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, A
                 item["name"] = name
         ready.append(item)
     return ready
+
+
+_NINE = re.compile(r"[A-Za-z0-9]{9}")
+_BASE62 = string.digits + string.ascii_letters
+
+
+def nine_char_id(call_id: str) -> str:
+    """`call_id` as Mistral's templates demand call ids (9 alphanumerics): kept when it is
+    one, else derived from it (the same id always gives the same, so a call and its result
+    still match)."""
+    if _NINE.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    digits = []
+    for _ in range(9):
+        number, digit = divmod(number, 62)
+        digits.append(_BASE62[digit])
+    return "".join(digits)
+
+
+def with_nine_char_ids(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with every call id (assistant calls, tool results) as `nine_char_id`."""
+    out = []
+    for message in messages:
+        item = dict(message)
+        if item.get("tool_calls"):
+            item["tool_calls"] = [{**call, "id": nine_char_id(str(call.get("id", "")))}
+                                  if isinstance(call, Mapping) else call
+                                  for call in item["tool_calls"]]
+        if item.get("tool_call_id") is not None:
+            item["tool_call_id"] = nine_char_id(str(item["tool_call_id"]))
+        out.append(item)
+    return out
 
 
 def template_arguments(arguments: Any) -> Any:

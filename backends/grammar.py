@@ -13,18 +13,18 @@ constrained but is not would be worse than a clear 400.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 from backends.base import GenerationParams
 from backends.errors import InvalidRequest
-from backends.grammar_gbnf import GrammarLimits, Rules, refuse
+from backends.grammar_gbnf import GrammarLimits, Rules, literal, refuse
 from backends.grammar_regex import MAX_PATTERN_CHARS
 from backends.grammar_schema import UNENFORCED, SchemaGrammar
 
 __all__ = ["GrammarLimits", "grammar_for", "grammar_sampler", "prepare_grammar",
-           "schema_grammar", "unenforced_keywords"]
+           "schema_grammar", "tool_grammar", "unenforced_keywords"]
 
 SUPPORTED = ("type, properties, required, additionalProperties, enum, const, items, "
              "prefixItems, minItems, maxItems, minLength, maxLength, pattern, format, $ref, "
@@ -93,19 +93,62 @@ def _json_object_grammar(limits: GrammarLimits) -> str:
     return rules.grammar(rules.primitive("object"))
 
 
-def compile_grammar(params: GenerationParams, limits: GrammarLimits) -> str | None:
-    """GBNF for `params`' constrained output (a schema, or any JSON object); None for
-    free text."""
+def tool_grammar(tools: Sequence[dict[str, Any]], names: Sequence[str], tool_format: str,
+                 parallel: bool, limits: GrammarLimits) -> str:
+    """GBNF of output that is only calls of the tools `names`, written as `tool_format`
+    writes them (backends.toolcalls): one call, or with `parallel` one or more, each a
+    JSON object with the tool's name and arguments that match its parameter schema."""
+    from backends.toolcalls import FORMATS
+
+    fmt = FORMATS[tool_format]
+    by_name = {t.get("function", {}).get("name"): t.get("function", {}) for t in tools}
+    options = []
+    for name in names:
+        parameters = by_name[name].get("parameters") or {"type": "object"}
+        where = f"tools[{list(by_name).index(name)}].function.parameters"
+        _check_size(parameters)
+        if found := list(unenforced_keywords(parameters, where)):
+            raise refuse(f"uses keywords constrained decoding cannot enforce: "
+                         f"{', '.join(found[:10])}. Supported: {SUPPORTED}.")
+        options.append({"type": "object", "properties": {
+            "name": {"const": name}, fmt.args_key: parameters},
+            "required": ["name", fmt.args_key], "additionalProperties": False})
+    rules = Rules(limits)
+    try:
+        body = SchemaGrammar({"anyOf": options} if len(options) > 1 else options[0],
+                             rules).root()
+    except RecursionError:
+        raise refuse("the tools' parameter schemas nest too deeply.") from None
+    call = rules.add("call", _joined(fmt.call_open, body, fmt.call_close))
+    calls = f"{call} ({literal(fmt.separator)} {call})*" if parallel and fmt.separator \
+        else f"{call}+" if parallel else call
+    return rules.grammar(_joined(fmt.block_open, f"({calls})", fmt.block_close))
+
+
+def _joined(before: str, middle: str, after: str) -> str:
+    return " ".join(part for part in (literal(before) if before else "", middle,
+                                      literal(after) if after else "") if part)
+
+
+def compile_grammar(params: GenerationParams, limits: GrammarLimits,
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    tool_format: str = "json") -> str | None:
+    """GBNF for `params`' constrained output (tool calls, a schema, or any JSON object);
+    None for free text."""
+    if params.tool_choice is not None:
+        return tool_grammar(tools or (), params.tool_choice, tool_format,
+                            params.parallel_tool_calls, limits)
     if params.json_schema is not None:
         return schema_grammar(params.json_schema, limits)
     return _json_object_grammar(limits) if params.json_mode else None
 
 
 def prepare_grammar(params: GenerationParams, limits: GrammarLimits,
-                    vocab: Any = None) -> GenerationParams:
+                    vocab: Any = None, tools: Sequence[dict[str, Any]] | None = None,
+                    tool_format: str = "json") -> GenerationParams:
     """`params` with its grammar written and (given the model's `vocab`) parsed by llama.cpp
     once, off the engine thread: llama.cpp only reads the vocabulary here."""
-    gbnf = compile_grammar(params, limits)
+    gbnf = compile_grammar(params, limits, tools, tool_format)
     if gbnf is None:
         return params
     if vocab is not None:

@@ -20,6 +20,7 @@ from backends.base import (
     EMBED,
     GENERATE,
     TOKENIZE,
+    TOOLS,
     Backend,
     BatchEngine,
     Chunk,
@@ -60,6 +61,10 @@ class HFParams(ModelParams):
                                        "max_position_embeddings.")
     chat_template: str | None = Field(None, max_length=100_000, description="Jinja chat "
                                       "template overriding the tokenizer's.")
+    tool_format: Literal["auto", "hermes", "llama3", "mistral", "json"] = Field(
+        "auto", description="How the model writes tool calls: auto (read from the chat "
+        "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
+        "template without tools gets them in its system prompt and answers in json).")
     normalize_embeddings: bool | None = Field(None, description="L2-normalise vectors; "
                                               "default: yes, or the embedding model's choice.")
     parallel: int = Field(4, ge=1, le=256, description="Requests decoded together in one "
@@ -98,7 +103,7 @@ class HFBackend(Backend):
             from backends.hfgen import TokenLoop
 
             self._loop: TokenLoop | None = TokenLoop(model, self._eos_ids(model, tokenizer))
-            chat = {CHAT} if tokenizer.chat_template else set()
+            chat = {CHAT, TOOLS} if tokenizer.chat_template else set()
             self.capabilities = frozenset({GENERATE, EMBED, TOKENIZE} | chat)
 
     # -- loading ---------------------------------------------------------------------------

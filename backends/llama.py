@@ -23,6 +23,7 @@ from backends.base import (
     JSON_OUTPUT,
     LOGPROBS,
     TOKENIZE,
+    TOOLS,
     Backend,
     BatchEngine,
     Chunk,
@@ -74,6 +75,10 @@ class LlamaParams(ModelParams):
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "
                                       "GGUF's tokenizer.chat_template.")
+    tool_format: Literal["auto", "hermes", "llama3", "mistral", "json"] = Field(
+        "auto", description="How the model writes tool calls: auto (read from the chat "
+        "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
+        "template without tools gets them in its system prompt and answers in json).")
     embeddings: bool = Field(True, description="Serve /embeddings (mean-pooled; a second "
                              "context is created on the first embeddings request).")
     normalize_embeddings: bool = Field(True, description="L2-normalise embedding vectors.")
@@ -105,7 +110,8 @@ class LlamaBackend(Backend):
         self._chat = self._formatter(template) if template else None
         caps = {GENERATE, TOKENIZE, JSON_OUTPUT, LOGPROBS} | (
             {EMBED} if params.embeddings else set())
-        self.capabilities = frozenset(caps | ({CHAT} if self._chat else set()))
+        self.capabilities = frozenset(caps | ({CHAT, TOOLS} if self._chat else set()))
+        self.tool_format_override = None if params.tool_format == "auto" else params.tool_format
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Backend:

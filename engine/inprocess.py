@@ -33,7 +33,7 @@ class InProcessClient(EngineClient):
                          context_length=backend.context_length if backend else None,
                          stats={**s.stats.as_dict(),
                                 **(backend.engine_stats() if backend else {})},
-                         load=s.load)
+                         load=s.load, tool_format=backend.tool_format if backend else "json")
 
     @info.setter
     def info(self, value: ModelInfo) -> None:  # the base class sets it once; derived here

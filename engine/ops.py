@@ -54,9 +54,10 @@ def prepare(backend: Backend, limits: ModelLimits, request: GenerationRequest,
             clamped = room
             request = replace(request, params=replace(request.params, max_tokens=room))
     params = request.params
-    if params.json_mode or params.json_schema is not None:
+    if params.json_mode or params.json_schema is not None or params.tool_choice is not None:
         vocab = getattr(backend, "vocab", None)  # llama.cpp's parser reads it
-        request = replace(request, params=prepare_grammar(params, limits.grammar, vocab))
+        request = replace(request, params=prepare_grammar(
+            params, limits.grammar, vocab, request.tools, backend.tool_format))
     return Prepared(request, reservation(backend, request), clamped)
 
 
@@ -83,7 +84,7 @@ def reservation(backend: Backend, request: GenerationRequest) -> int:
 def tokenize(backend: Backend, limits: ModelLimits, text: str | None,
              messages: list[dict[str, str]] | None, add_special: bool) -> list[int]:
     if messages is not None:  # the template writes the special tokens itself
-        return backend.tokenize(backend.apply_chat_template(messages), add_special=False)
+        return backend.tokenize(backend.chat_prompt(messages), add_special=False)
     return backend.tokenize(text or "", add_special=add_special)
 
 

@@ -230,6 +230,7 @@ class RemoteClient(TransportClient):
             info.state, info.error = "waiting", why or NO_WORKER
             return
         info.capabilities, info.context_length, info.stats, self._slots = merge_workers(live)
+        info.tool_format = str(live[0].get("tool_format") or "json")
         info.state, info.error = "ready", None
 
     def check_available(self) -> None:

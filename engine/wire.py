@@ -46,6 +46,8 @@ def request_out(request: GenerationRequest) -> dict[str, Any]:
 def request_in(data: dict[str, Any]) -> GenerationRequest:
     params = {k: v for k, v in data["params"].items() if k in _PARAM_FIELDS}
     params["stop"] = tuple(params.get("stop") or ())
+    if params.get("tool_choice") is not None:
+        params["tool_choice"] = tuple(params["tool_choice"])
     messages = data.get("messages")
     ids = data.get("prompt_ids")
     tools = data.get("tools")

@@ -39,6 +39,7 @@ from app.responses_openai import (
 )
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.sse import EventStream, data_event
+from app.tools import CallDeltas, split_calls
 from backends.base import Chunk
 from engine.jobs import JobStream
 
@@ -62,18 +63,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
     requests = body.to_requests()
     if body.user:
         log.info("chat completion for user %r on %s", body.user, body.model)
+    names = [t.function.name for t in body.active_tools()]
+    tools = (scheduler.info.tool_format, names) if names else None
     if body.stream:
         choices = await service.stream_choices(scheduler, requests, meter)
-        frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs))
+        frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs),
+                              tools)
         return _sse(frames, settings)
     results = await service.generate_choices(request, scheduler, requests, meter)
     usage = Usage.of_results([r.final for r in results], len(results))
     scored = bool(body.logprobs)
     return ChatCompletion(model=body.model, usage=usage, choices=[
-        ChatChoice(index=i, message=AssistantMessage(content=r.text),
-                   finish_reason=_finish(r.final),
-                   logprobs=ChoiceLogprobs.of(r.logprobs, scored))
-        for i, r in enumerate(results)])
+        _chat_choice(i, r, scored, tools) for i, r in enumerate(results)])
+
+
+def _chat_choice(index: int, result: service.Completed, scored: bool,
+                 tools: tuple[str, list[str]] | None) -> ChatChoice:
+    content: str | None = result.text
+    calls = None
+    if tools is not None:
+        content, calls = split_calls(result.text, *tools)
+    return ChatChoice(index=index, message=AssistantMessage(content=content, tool_calls=calls),
+                      finish_reason="tool_calls" if calls else _finish(result.final),
+                      logprobs=ChoiceLogprobs.of(result.logprobs, scored))
 
 
 @router.post("/completions", response_model=Completion, responses={
@@ -179,7 +191,8 @@ def _text_events(build: Callable[[int, str], BaseModel],
     return event
 
 
-async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
+async def _framed(choices: Choices,
+                  frame: Callable[[int, Chunk], Frame | list[Frame] | None],
                   usage: Callable[[list[Chunk]], Frame] | None) -> AsyncIterator[Frame]:
     """Shared framing: a frame per chunk, the usage frame, `[DONE]`; an error frame (and no
     `[DONE]`) when the generation fails after the stream began."""
@@ -190,7 +203,11 @@ async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
                 async for chunk in stream:
                     if chunk.finish_reason is not None:
                         finals.append(chunk)
-                    if (out := frame(index, chunk)) is not None:
+                    out = frame(index, chunk)
+                    if isinstance(out, list):  # several deltas (tool calls)
+                        for one in out:
+                            yield one
+                    elif out is not None:
                         yield out
             finally:
                 stream.close()
@@ -201,8 +218,8 @@ async def _framed(choices: Choices, frame: Callable[[int, Chunk], Frame | None],
         yield sse_error_data(as_domain_error(exc))
 
 
-def _chat_frames(choices: Choices, model: str, include_usage: bool,
-                 scored: bool) -> AsyncIterator[Frame]:
+def _chat_frames(choices: Choices, model: str, include_usage: bool, scored: bool,
+                 tools: tuple[str, list[str]] | None = None) -> AsyncIterator[Frame]:
     cid, created = new_id("chatcmpl"), now()
     started: set[int] = set()
     exclude = None if include_usage else {"usage"}
@@ -217,7 +234,29 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool,
             index=index, delta={"content": text}, logprobs=ChoiceLogprobs.of([], scored))]),
         exclude)  # plain content deltas
 
-    def frame(index: int, chunk: Chunk) -> Frame | None:
+    calls: dict[int, CallDeltas] = {}
+
+    def tool_frame(index: int, chunk: Chunk) -> list[Frame]:
+        assert tools is not None
+        out: list[Frame] = []
+        if index not in calls:  # the first delta of a choice carries the role
+            calls[index] = CallDeltas(*tools)
+            out.append(dump([ChunkChoice(index=index, delta={"role": "assistant",
+                                                             "content": ""})]))
+        deltas = calls[index]
+        finished = chunk.finish_reason is not None
+        parts = deltas.feed(chunk.text) if chunk.text else []
+        if finished:
+            parts += deltas.close()
+        out += [dump([ChunkChoice(index=index, delta=d)]) for d in parts]
+        if finished:
+            reason = "tool_calls" if deltas.called else _finish(chunk)
+            out.append(dump([ChunkChoice(index=index, delta={}, finish_reason=reason)]))
+        return out
+
+    def frame(index: int, chunk: Chunk) -> Frame | list[Frame] | None:
+        if tools is not None:
+            return tool_frame(index, chunk)
         if chunk.finish_reason is not None:
             return dump([ChunkChoice(index=index, delta={},
                                      finish_reason=_finish(chunk))])

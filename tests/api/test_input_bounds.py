@@ -170,13 +170,19 @@ def nested(depth: int) -> Any:
 
 
 def test_nesting_up_to_the_limit_is_read(server: LiveServer) -> None:
-    """The body is level 1, tool_choice level 2: the deepest value allowed gets past the
-    parser (to the 400 that says tool calling is unsupported); one level more does not."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-    deepest = {**body, "tool_choice": nested(MAX_JSON_DEPTH - 1)}
+    """The body is level 1, a tool's parameters level 5: the deepest value allowed gets past
+    the parser (to the 400 of the grammar, which nests less deeply still); one level more
+    does not."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "tool_choice": "required"}
+
+    def tools(depth: int) -> list[dict[str, Any]]:
+        return [{"type": "function", "function": {"name": "f", "parameters": nested(depth)}}]
+
+    deepest = {**body, "tools": tools(MAX_JSON_DEPTH - 4)}
     assert_error(server.client.post("/v1/chat/completions", json=deepest), 400,
-                 "unsupported_parameter")
-    too_deep = {**body, "tool_choice": nested(MAX_JSON_DEPTH)}
+                 "invalid_request")
+    too_deep = {**body, "tools": tools(MAX_JSON_DEPTH - 3)}
     assert_error(server.client.post("/v1/chat/completions", json=too_deep), 422,
                  "invalid_parameter", mentions=("nested",))
 
@@ -251,7 +257,8 @@ def test_a_prompt_at_the_bound_is_tokenized(server: LiveServer) -> None:
 @pytest.mark.parametrize(("extra", "mentions"), [
     ({"logit_bias": {str(i): 1 for i in range(301)}}, ("logit_bias", "300")),
     ({"tools": [{"type": "function"}] * 129}, ("tools", "128")),
-    ({"tool_choice": "x" * 65}, ("tool_choice", "64")),
+    ({"tool_choice": {"type": "function", "function": {"name": "x" * 65}}},
+     ("tool_choice", "64")),
     ({"stop": ["s"] * 17}, ("stop", "16")),
     ({"n": 9}, ("'n'", "8")),
 ])

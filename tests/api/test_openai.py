@@ -21,8 +21,8 @@ GREEDY = {"temperature": 0, "max_tokens": 16}
 # test_models_list_and_retrieve checks the server declares exactly this, and the tests of
 # optional features expect their clear 400 exactly where a capability is missing here.
 EXPECTED_CAPABILITIES = {
-    "tiny": {"generate", "chat", "embed", "tokenize", "json_output", "logprobs"},
-    "tiny-hf": {"generate", "chat", "embed", "tokenize"},  # no grammar, no logprobs
+    "tiny": {"generate", "chat", "embed", "tokenize", "json_output", "logprobs", "tools"},
+    "tiny-hf": {"generate", "chat", "embed", "tokenize", "tools"},  # no grammar, no logprobs
 }
 
 

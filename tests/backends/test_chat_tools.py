@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from backends.base import Backend, GenerationParams, GenerationRequest, ModelSpec
 from backends.chat_messages import (
+    nine_char_id,
     template_arguments,
     template_messages,
     template_reads_tools,
@@ -199,15 +200,18 @@ def test_llama31_writes_a_builtin_tool_call_after_python_tag(
         LLAMA_HEAD.format("assistant")])
 
 
-def test_mistral_v03_refuses_call_ids_that_are_not_9_characters(
+def test_mistral_v03_gets_9_character_call_ids_consistently(
         backends: Callable[[str | None], tuple[Backend, Backend]]) -> None:
-    """OpenAI's ids ("call_…", longer) are a 400 quoting the template's reason."""
+    """Its template refuses OpenAI's ids ("call_…", longer): a Mistral-format model gets each
+    id mapped to 9 alphanumerics, the same for the call and its result."""
     messages = copy.deepcopy(MESSAGES)
     messages[2]["tool_calls"][0]["id"] = messages[3]["tool_call_id"] = "call_8f2a1c9e4b7d"
+    short = nine_char_id("call_8f2a1c9e4b7d")
+    assert len(short) == 9 and short.isalnum() and nine_char_id(short) == short
     for backend in backends(MISTRAL):
-        with pytest.raises(InvalidRequest) as refused:
-            backend.chat_prompt(messages, TOOLS)
-        assert "length 9" in refused.value.message and refused.value.param == "messages"
+        assert backend.tool_format == "mistral"
+        prompt = backend.chat_prompt(messages, TOOLS)
+        assert prompt.count(short) == 2 and "call_8f2a" not in prompt
 
 
 def test_the_tool_template_is_the_published_file() -> None:
