@@ -214,6 +214,15 @@ class ResponseFormat(StrictSchema):
         return self
 
 
+MAX_TEMPLATE_KWARGS = 16
+#: Variables the server gives the template itself: a request may not replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+    "raise_exception", "strftime_now", "functions", "function_call", "tool_choice",
+    "documents", "tokenize", "return_dict", "continue_final_message", "chat_template"})
+TemplateValue = Annotated[str, Field(max_length=1000)] | bool | int | float | None
+
+
 class ChatCompletionRequest(SamplingFields):
     """Body of POST /v1/chat/completions."""
 
@@ -234,6 +243,14 @@ class ChatCompletionRequest(SamplingFields):
         "constrained to the tools' parameter schemas.")
     parallel_tool_calls: bool | None = Field(None, description="Several calls in one "
                                              "answer (default true).")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="none or minimal: ask a reasoning model not to think (templates "
+        "with enable_thinking, e.g. Qwen3); other values are accepted and change nothing.")
+    chat_template_kwargs: dict[str, TemplateValue] | None = Field(
+        None, max_length=MAX_TEMPLATE_KWARGS, description="Extension (as vLLM): variables "
+        "for the model's chat template, e.g. {\"enable_thinking\": false}.")
+    include_reasoning: bool | None = Field(None, description="Extension: false leaves the "
+                                           "think block in content (not split out).")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -251,6 +268,14 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest(f"tool_choice names function "
                                  f"'{self.tool_choice.function.name}', which is not in "
                                  f"'tools' ({', '.join(names)}).", param="tool_choice")
+        for name in self.chat_template_kwargs or {}:
+            if name in RESERVED_TEMPLATE_VARIABLES or not name.isidentifier() \
+                    or name.startswith("_"):
+                raise InvalidRequest(f"chat_template_kwargs may not set '{name[:64]}': it "
+                                     "must be an identifier not starting with _ and not one "
+                                     "of the server's own template variables ("
+                                     f"{', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}).",
+                                     param="chat_template_kwargs")
         if self.logprobs and self.active_tools():
             raise UnsupportedParameter("'logprobs' cannot be combined with 'tools' yet; drop "
                                        "one of them.", param="logprobs")
@@ -258,6 +283,17 @@ class ChatCompletionRequest(SamplingFields):
                 and self.forced_tools():
             raise InvalidRequest("'response_format' and a forced tool_choice both constrain "
                                  "the output; use one.", param="response_format")
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """Variables for the chat template: chat_template_kwargs, and enable_thinking false
+        for reasoning_effort none/minimal."""
+        given: dict[str, Any] = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort in ("none", "minimal"):
+            given.setdefault("enable_thinking", False)
+        return given or None
+
+    def splits_reasoning(self) -> bool:
+        return self.include_reasoning is not False
 
     def active_tools(self) -> list[ToolDef]:
         """The tools the model is told about (none when tool_choice is none)."""
@@ -288,7 +324,8 @@ class ChatCompletionRequest(SamplingFields):
                              parallel_tool_calls=self.parallel_tool_calls is not False)
         messages = tuple(m.as_dict() for m in self.messages)
         return self.per_choice(GenerationRequest(messages=messages, params=params,
-                                                 tools=tools or None))
+                                                 tools=tools or None,
+                                                 template_kwargs=self.template_kwargs()))
 
 
 class CompletionRequest(SamplingFields):

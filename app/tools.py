@@ -1,5 +1,6 @@
-"""Tool calls in chat answers: the model's text turned into OpenAI `tool_calls`, whole or
-streamed, in the model's own format (`backends.toolcalls`, reported by its engine).
+"""Chat answers taken apart: the model's reasoning (its think block) into
+`reasoning_content`, its tool calls into OpenAI `tool_calls`, the rest `content`; whole or
+streamed, in the model's own formats (`backends.toolcalls`, reported by its engine).
 
 A streamed call goes out as OpenAI streams it: its first delta carries `index`, `id`,
 `type` and the function's name, the next ones fragments of `arguments`; text around calls
@@ -15,10 +16,15 @@ from backends.toolcalls import (
     FORMATS,
     CallDelta,
     ContentDelta,
+    ReasoningStream,
     ToolCall,
     ToolCallStream,
     parse_tool_calls,
+    split_reasoning,
 )
+
+#: The tool-call format and the names of the tools of a request, when it has tools.
+ToolSpec = tuple[str, list[str]]
 
 
 def call_id(tool_format: str, given: str) -> str:
@@ -72,3 +78,73 @@ class CallDeltas:
             call["function"] = function
             deltas.append({"tool_calls": [call]})
         return deltas
+
+
+class Parsing:
+    """How a request's answers are taken apart: its tools (None: no tool calls), the
+    model's think markers (None: no reasoning) and whether the answer starts inside them
+    (None: tell from the text)."""
+
+    def __init__(self, tools: ToolSpec | None, reasoning: dict[str, Any] | None,
+                 opened: bool | None) -> None:
+        self.tools = tools
+        self.reasoning = reasoning
+        self.opened = opened
+
+    @property
+    def active(self) -> bool:
+        return self.tools is not None or self.reasoning is not None
+
+    def whole(self, text: str) -> tuple[str | None, str | None, list[dict[str, Any]] | None]:
+        """(reasoning, content, calls) of a whole answer."""
+        thought = None
+        if self.reasoning is not None:
+            thought, text = split_reasoning(text, self.reasoning["open"],
+                                            self.reasoning["close"], started=self.opened)
+        if self.tools is None:
+            return thought, text, None
+        content, calls = split_calls(text, *self.tools)
+        return thought, content, calls
+
+    def stream(self) -> AnswerDeltas:
+        return AnswerDeltas(self)
+
+
+class AnswerDeltas:
+    """One streamed choice's text as chat deltas: reasoning_content, content, tool_calls."""
+
+    def __init__(self, parsing: Parsing) -> None:
+        reasoning = parsing.reasoning
+        self._thinking = ReasoningStream(reasoning["open"], reasoning["close"],
+                                         started=parsing.opened) if reasoning else None
+        self._calls = CallDeltas(*parsing.tools) if parsing.tools else None
+
+    @property
+    def called(self) -> bool:
+        return self._calls is not None and self._calls.called
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self._thinking is None:
+            return self._content(text)
+        return self._split(self._thinking.feed(text))
+
+    def close(self) -> list[dict[str, Any]]:
+        deltas = self._split(self._thinking.close()) if self._thinking is not None else []
+        if self._calls is not None:
+            deltas += self._calls.close()
+        return deltas
+
+    def _split(self, parts: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        for kind, text in parts:
+            if kind == "reasoning":
+                if text:
+                    deltas.append({"reasoning_content": text})
+            else:
+                deltas += self._content(text)
+        return deltas
+
+    def _content(self, text: str) -> list[dict[str, Any]]:
+        if self._calls is not None:
+            return self._calls.feed(text)
+        return [{"content": text}] if text else []

@@ -75,6 +75,8 @@ class GenerationRequest:
     # Function tools ({"type": "function", "function": {name, description, parameters}}),
     # rendered by the chat template (a backend with the TOOLS capability).
     tools: tuple[dict[str, Any], ...] | None = None
+    # Extra variables of the chat template (e.g. enable_thinking: false).
+    template_kwargs: dict[str, Any] | None = None
     # The prompt as the engine feeds it (template applied, tokenized), when the server
     # tokenized it off the engine thread; None: the backend tokenizes it itself.
     prompt_ids: tuple[int, ...] | None = None
@@ -136,6 +138,8 @@ class Backend(abc.ABC):
     capabilities: frozenset[str] = frozenset({GENERATE})
     #: `model_params.tool_format` when set (else the chat template tells: `tool_format`).
     tool_format_override: str | None = None
+    #: `model_params.reasoning_format`: auto, none or think (see `reasoning`).
+    reasoning_format: str = "auto"
     #: "file": the weights are one file from the hub (`filename`); "snapshot": the needed
     #: files of a whole repository (config, tokenizer, weights); None: no files at all.
     weights: ClassVar[str | None] = "file"
@@ -196,8 +200,26 @@ class Backend(abc.ABC):
             return "json"
         return detect_format(template)
 
+    @functools.cached_property
+    def reasoning(self) -> dict[str, Any] | None:
+        """How the model's reasoning is told apart from its answer: {"open", "close": its
+        think markers, "opened": the prompt itself opens the block (the output starts
+        inside it)}; None: it is all answer."""
+        template = self.chat_template_text or ""
+        if self.reasoning_format == "none" or (
+                self.reasoning_format == "auto" and "<think>" not in template):
+            return None
+        opened = False
+        try:
+            prompt = self.apply_chat_template([{"role": "user", "content": "?"}])
+            opened = prompt.rstrip().endswith("<think>")
+        except Exception:  # noqa: BLE001 - a template that needs more; assume not opened
+            opened = False
+        return {"open": "<think>", "close": "</think>", "opened": opened}
+
     def chat_prompt(self, messages: Iterable[dict[str, Any]],
-                    tools: Iterable[dict[str, Any]] | None = None) -> str:
+                    tools: Iterable[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> str:
         """The chat template's prompt of `messages` made template-ready, with `tools` when
         there are any: rendered by the template when it reads `tools` (a family without
         tools keeps the one-argument `apply_chat_template`), else described in the system
@@ -207,6 +229,8 @@ class Backend(abc.ABC):
         if tools and self.tool_format == "mistral":  # its templates refuse other call ids
             messages = with_nine_char_ids(messages)
         render: Any = self.apply_chat_template
+        if template_kwargs:
+            render = functools.partial(render, **template_kwargs)
         return render_chat(render, self.chat_template_text, messages, list(tools or ()))
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
@@ -219,7 +243,8 @@ class Backend(abc.ABC):
             raise CapabilityNotSupported(f"'suffix' (fill-in-the-middle) is not supported by "
                                          f"model family '{self.family}'.", param="suffix")
         if request.messages is not None:
-            return self.tokenize(self.chat_prompt(request.messages, request.tools),
+            return self.tokenize(self.chat_prompt(request.messages, request.tools,
+                                                  request.template_kwargs),
                                  add_special=False)
         return self.tokenize(request.prompt or "")
 

@@ -65,6 +65,10 @@ class HFParams(ModelParams):
         "auto", description="How the model writes tool calls: auto (read from the chat "
         "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
         "template without tools gets them in its system prompt and answers in json).")
+    reasoning_format: Literal["auto", "none", "think"] = Field(
+        "auto", description="Where the model's reasoning goes: auto (a template that writes "
+        "<think> blocks: their text becomes reasoning_content), think (always split "
+        "<think>…</think>), none (everything is content).")
     normalize_embeddings: bool | None = Field(None, description="L2-normalise vectors; "
                                               "default: yes, or the embedding model's choice.")
     parallel: int = Field(4, ge=1, le=256, description="Requests decoded together in one "
@@ -95,6 +99,8 @@ class HFBackend(Backend):
         self.tokenize("")
         self._params = params
         self._task = task
+        self.tool_format_override = None if params.tool_format == "auto" else params.tool_format
+        self.reasoning_format = params.reasoning_format
         self._pooling = read_pooling(folder, params.normalize_embeddings)
         self._context = self._context_length(model, tokenizer, params, self._pooling.max_length)
         if task == "embedding":
@@ -232,14 +238,16 @@ class HFBackend(Backend):
         return template or None
 
     def apply_chat_template(self, messages: Iterable[dict[str, Any]],
-                            tools: list[dict[str, Any]] | None = None) -> str:
+                            tools: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> str:
         if not self._tokenizer.chat_template:
             raise CapabilityNotSupported("This model has no chat template (its tokenizer "
                                          "defines none); use plain completion or set "
                                          "model_params.chat_template.", param="messages")
         with chat_template_refusals():
             prompt: str = self._tokenizer.apply_chat_template(
-                list(messages), tools=tools, tokenize=False, add_generation_prompt=True)
+                list(messages), tools=tools, tokenize=False, add_generation_prompt=True,
+                **template_kwargs)
         return prompt
 
     # -- generation ------------------------------------------------------------------------

@@ -79,6 +79,10 @@ class LlamaParams(ModelParams):
         "auto", description="How the model writes tool calls: auto (read from the chat "
         "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
         "template without tools gets them in its system prompt and answers in json).")
+    reasoning_format: Literal["auto", "none", "think"] = Field(
+        "auto", description="Where the model's reasoning goes: auto (a template that writes "
+        "<think> blocks: their text becomes reasoning_content), think (always split "
+        "<think>…</think>), none (everything is content).")
     embeddings: bool = Field(True, description="Serve /embeddings (mean-pooled; a second "
                              "context is created on the first embeddings request).")
     normalize_embeddings: bool = Field(True, description="L2-normalise embedding vectors.")
@@ -112,6 +116,7 @@ class LlamaBackend(Backend):
             {EMBED} if params.embeddings else set())
         self.capabilities = frozenset(caps | ({CHAT, TOOLS} if self._chat else set()))
         self.tool_format_override = None if params.tool_format == "auto" else params.tool_format
+        self.reasoning_format = params.reasoning_format
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Backend:
@@ -186,13 +191,15 @@ class LlamaBackend(Backend):
         return self._template
 
     def apply_chat_template(self, messages: Iterable[dict[str, Any]],
-                            tools: list[dict[str, Any]] | None = None) -> str:
+                            tools: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> str:
         if self._chat is None:
             raise CapabilityNotSupported("This model has no chat template (the GGUF carries no "
                                          "tokenizer.chat_template); use plain completion or "
                                          "set model_params.chat_template.")
         with chat_template_refusals():
-            prompt: str = self._chat(messages=list(messages), tools=tools).prompt
+            prompt: str = self._chat(messages=list(messages), tools=tools,
+                                     **template_kwargs).prompt
         return prompt
 
     @property

@@ -40,13 +40,14 @@ class ModelInfo:
     load: dict[str, Any] = field(default_factory=dict)
     heartbeats: dict[str, float] = field(default_factory=dict)  # remote: worker -> age (s)
     tool_format: str = "json"  # how the model writes tool calls (backends.toolcalls)
+    reasoning: dict[str, Any] | None = None  # its think markers (Backend.reasoning)
 
     def as_dict(self) -> dict[str, Any]:
         return {"state": self.state, "error": self.error,
                 "capabilities": sorted(self.capabilities),
                 "context_length": self.context_length, "stats": dict(self.stats),
                 "workers": self.workers, "restarts": self.restarts, "load": dict(self.load),
-                "tool_format": self.tool_format}
+                "tool_format": self.tool_format, "reasoning": self.reasoning}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
@@ -55,7 +56,8 @@ class ModelInfo:
                    context_length=data.get("context_length"),
                    stats=dict(data.get("stats") or {}), workers=data.get("workers"),
                    restarts=int(data.get("restarts", 0)), load=dict(data.get("load") or {}),
-                   tool_format=str(data.get("tool_format") or "json"))
+                   tool_format=str(data.get("tool_format") or "json"),
+                   reasoning=data.get("reasoning"))
 
 
 class EngineClient(abc.ABC):

@@ -72,7 +72,8 @@ class ModelHost:
                 "capabilities": sorted(backend.capabilities) if backend else [],
                 "context_length": backend.context_length if backend else None,
                 "stats": {**s.stats.as_dict(), **(backend.engine_stats() if backend else {})},
-                "load": s.load, "tool_format": backend.tool_format if backend else "json"}
+                "load": s.load, "tool_format": backend.tool_format if backend else "json",
+                "reasoning": backend.reasoning if backend else None}
 
     def open(self, sink: HostSink, message: dict[str, Any]) -> Job:
         """Start the job a message describes: {"id", "timeout", and "request" (a

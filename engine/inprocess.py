@@ -33,7 +33,8 @@ class InProcessClient(EngineClient):
                          context_length=backend.context_length if backend else None,
                          stats={**s.stats.as_dict(),
                                 **(backend.engine_stats() if backend else {})},
-                         load=s.load, tool_format=backend.tool_format if backend else "json")
+                         load=s.load, tool_format=backend.tool_format if backend else "json",
+                         reasoning=backend.reasoning if backend else None)
 
     @info.setter
     def info(self, value: ModelInfo) -> None:  # the base class sets it once; derived here

@@ -68,7 +68,8 @@ def reservation(backend: Backend, request: GenerationRequest) -> int:
         prompt = len(request.prompt_ids)
     elif TOKENIZE in backend.capabilities and request.messages is not None \
             and CHAT in backend.capabilities:
-        prompt = len(backend.tokenize(backend.chat_prompt(request.messages, request.tools),
+        prompt = len(backend.tokenize(backend.chat_prompt(request.messages, request.tools,
+                                                          request.template_kwargs),
                                       add_special=False))
     elif TOKENIZE in backend.capabilities and request.messages is None:
         prompt = len(backend.tokenize(request.prompt or ""))

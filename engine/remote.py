@@ -231,6 +231,7 @@ class RemoteClient(TransportClient):
             return
         info.capabilities, info.context_length, info.stats, self._slots = merge_workers(live)
         info.tool_format = str(live[0].get("tool_format") or "json")
+        info.reasoning = live[0].get("reasoning")
         info.state, info.error = "ready", None
 
     def check_available(self) -> None:

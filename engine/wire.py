@@ -39,6 +39,7 @@ def request_out(request: GenerationRequest) -> dict[str, Any]:
     return {"prompt": request.prompt,
             "messages": list(request.messages) if request.messages is not None else None,
             "tools": list(request.tools) if request.tools else None,
+            "template_kwargs": request.template_kwargs,
             "params": params,
             "prompt_ids": list(request.prompt_ids) if request.prompt_ids is not None else None}
 
@@ -54,6 +55,7 @@ def request_in(data: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(prompt=data.get("prompt"),
                              messages=tuple(messages) if messages is not None else None,
                              tools=tuple(tools) if tools else None,
+                             template_kwargs=data.get("template_kwargs") or None,
                              params=GenerationParams(**params),
                              prompt_ids=tuple(ids) if ids is not None else None)
 

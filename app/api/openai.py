@@ -39,8 +39,9 @@ from app.responses_openai import (
 )
 from app.schemas_openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.sse import EventStream, data_event
-from app.tools import CallDeltas, split_calls
+from app.tools import AnswerDeltas, Parsing
 from backends.base import Chunk
+from engine.client import ModelInfo
 from engine.jobs import JobStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
@@ -63,27 +64,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, pool: 
     requests = body.to_requests()
     if body.user:
         log.info("chat completion for user %r on %s", body.user, body.model)
-    names = [t.function.name for t in body.active_tools()]
-    tools = (scheduler.info.tool_format, names) if names else None
+    parsing = _parsing(body, scheduler.info)
     if body.stream:
         choices = await service.stream_choices(scheduler, requests, meter)
         frames = _chat_frames(choices, body.model, body.include_usage(), bool(body.logprobs),
-                              tools)
+                              parsing)
         return _sse(frames, settings)
     results = await service.generate_choices(request, scheduler, requests, meter)
     usage = Usage.of_results([r.final for r in results], len(results))
     scored = bool(body.logprobs)
     return ChatCompletion(model=body.model, usage=usage, choices=[
-        _chat_choice(i, r, scored, tools) for i, r in enumerate(results)])
+        _chat_choice(i, r, scored, parsing) for i, r in enumerate(results)])
+
+
+def _parsing(body: ChatCompletionRequest, info: ModelInfo) -> Parsing:
+    """How this request's answers are taken apart (tool calls, reasoning)."""
+    names = [t.function.name for t in body.active_tools()]
+    # A forced call is all the answer is (the grammar writes it from the first token).
+    reasoning = info.reasoning if body.splits_reasoning() and not body.forced_tools() \
+        else None
+    # Template variables may open or close the think block: then tell from the text.
+    opened = None if body.template_kwargs() else bool(reasoning and reasoning.get("opened"))
+    return Parsing((info.tool_format, names) if names else None, reasoning, opened)
 
 
 def _chat_choice(index: int, result: service.Completed, scored: bool,
-                 tools: tuple[str, list[str]] | None) -> ChatChoice:
+                 parsing: Parsing) -> ChatChoice:
+    thought: str | None = None
     content: str | None = result.text
-    calls = None
-    if tools is not None:
-        content, calls = split_calls(result.text, *tools)
-    return ChatChoice(index=index, message=AssistantMessage(content=content, tool_calls=calls),
+    calls: list[dict[str, Any]] | None = None
+    if parsing.active:
+        thought, content, calls = parsing.whole(result.text)
+    message = AssistantMessage(content=content, tool_calls=calls, reasoning_content=thought)
+    return ChatChoice(index=index, message=message,
                       finish_reason="tool_calls" if calls else _finish(result.final),
                       logprobs=ChoiceLogprobs.of(result.logprobs, scored))
 
@@ -219,7 +232,7 @@ async def _framed(choices: Choices,
 
 
 def _chat_frames(choices: Choices, model: str, include_usage: bool, scored: bool,
-                 tools: tuple[str, list[str]] | None = None) -> AsyncIterator[Frame]:
+                 parsing: Parsing) -> AsyncIterator[Frame]:
     cid, created = new_id("chatcmpl"), now()
     started: set[int] = set()
     exclude = None if include_usage else {"usage"}
@@ -234,16 +247,15 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool, scored: bool
             index=index, delta={"content": text}, logprobs=ChoiceLogprobs.of([], scored))]),
         exclude)  # plain content deltas
 
-    calls: dict[int, CallDeltas] = {}
+    answers: dict[int, AnswerDeltas] = {}
 
-    def tool_frame(index: int, chunk: Chunk) -> list[Frame]:
-        assert tools is not None
+    def parsed_frame(index: int, chunk: Chunk) -> list[Frame]:
         out: list[Frame] = []
-        if index not in calls:  # the first delta of a choice carries the role
-            calls[index] = CallDeltas(*tools)
+        if index not in answers:  # the first delta of a choice carries the role
+            answers[index] = parsing.stream()
             out.append(dump([ChunkChoice(index=index, delta={"role": "assistant",
                                                              "content": ""})]))
-        deltas = calls[index]
+        deltas = answers[index]
         finished = chunk.finish_reason is not None
         parts = deltas.feed(chunk.text) if chunk.text else []
         if finished:
@@ -255,8 +267,8 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool, scored: bool
         return out
 
     def frame(index: int, chunk: Chunk) -> Frame | list[Frame] | None:
-        if tools is not None:
-            return tool_frame(index, chunk)
+        if parsing.active:
+            return parsed_frame(index, chunk)
         if chunk.finish_reason is not None:
             return dump([ChunkChoice(index=index, delta={},
                                      finish_reason=_finish(chunk))])
