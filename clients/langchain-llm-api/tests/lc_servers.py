@@ -26,6 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_GGUF = REPO / "tests" / "fixtures" / "tiny-llama-q8_0.gguf"
+# A real family's chat template (its tools and `<tool_call>` markup) over the tiny weights.
+QWEN_TEMPLATE = REPO / "tests" / "fixtures" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 
 
 def _llm_api_command() -> str | None:
@@ -48,12 +50,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _llama(**extra: Any) -> dict[str, Any]:
+def _llama(model_params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"model_family": "llama", "setup_params": {"model_path": str(TINY_GGUF)},
-            "model_params": {"n_ctx": 4096, "n_threads": 2}, **extra}
+            "model_params": {"n_ctx": 4096, "n_threads": 2, **(model_params or {})}, **extra}
 
 
+# tiny's own template knows no tools: the server describes them in the system turn and reads
+# bare JSON calls; qwen's template writes them in its family's format.
 MAIN_MODELS = {"tiny": _llama(default_max_tokens=32), "tiny2": _llama(default_max_tokens=32),
+               "qwen": _llama({"chat_template": QWEN_TEMPLATE.read_text()},
+                              default_max_tokens=32),
                "rev": {"model_family": "reverse"}}
 # Never ready while the tests run: its requests get 503 model_not_ready.
 LOADING_MODELS = {"loading": {"model_family": "reverse", "model_params": {"load_seconds": 3600}}}

@@ -10,12 +10,17 @@ from typing import Any, Literal
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.exceptions import OutputParserException
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_llm_api import BadRequestError, ChatLLMAPI, InternalServerError, NotFoundError
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-from langchain_tests.unit_tests.chat_models import TEST_PYDANTIC_MODELS
 from lc_servers import RecordingEndpoint, ServerProcess
 from pydantic import BaseModel, Field
 
@@ -32,6 +37,17 @@ SCHEMA_TYPES = [pytest.param("pydantic", marks=CUT), "typeddict", "json_schema"]
 ONLY_THE_MARKED_CASE = pytest.mark.xfail(False, reason="only the 'pydantic' case: " + CUT_JSON)
 RANDOM_MODEL = ("the tiny test model has random weights: it cannot follow an instruction "
                 "or produce the requested keys without a schema")
+# Tool calling: the standard tests force calls where the suite can (tool_choice "any", since
+# has_tool_choice); the server constrains a forced call to the tool's schema, but what fills
+# it is the random model's noise.
+NO_CHOICE_OF_ITS_OWN = ("tool_choice auto (the suite binds no tool_choice here): the "
+                        "random-weight model answers with noise instead of calling the tool")
+UNBOUNDED_STRING = ("the forced call's schema has a free string ({}) and the random-weight "
+                    "model does not close it within max_tokens (100), so no complete call "
+                    "comes back")
+BOUNDS_REFUSED = ("magic_function's `input` has pydantic gt/lt bounds (exclusiveMinimum, "
+                  "exclusiveMaximum), which the server's constrained decoding refuses for a "
+                  "forced call (400 invalid_request)")
 
 
 @pytest.fixture
@@ -132,8 +148,8 @@ def test_json_mode_constrains_the_output_to_json(chat: ChatLLMAPI) -> None:
 def test_unsupported_inputs_fail_before_sending(chat: ChatLLMAPI) -> None:
     with pytest.raises(ValueError, match="image_url"):
         chat.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}])])
-    with pytest.raises(ValueError, match="tool calling"):
-        chat.with_structured_output(Pet, method="function_calling")
+    with pytest.raises(ValueError, match="FunctionMessage"):
+        chat.invoke([HumanMessage("x"), FunctionMessage(content="42", name="f")])
 
 
 def test_errors(chat: ChatLLMAPI, llm_api_server: ServerProcess) -> None:
@@ -200,10 +216,6 @@ class TestChatLLMAPIUnit(ChatModelUnitTests):
                 {"api_key": "sk-env", "base_url": "http://10.0.0.1:9000", "model": "tiny"})
 
     @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
     def has_structured_output(self) -> bool:
         return True
 
@@ -214,12 +226,6 @@ class TestChatLLMAPIUnit(ChatModelUnitTests):
     @property
     def supports_json_mode(self) -> bool:
         return True
-
-    @pytest.mark.xfail(reason="no tool calling: with_structured_output(method="
-                       "'function_calling') raises ValueError", raises=ValueError, strict=True)
-    @pytest.mark.parametrize("schema", TEST_PYDANTIC_MODELS)
-    def test_with_structured_output(self, model: Any, schema: Any) -> None:
-        super().test_with_structured_output(model, schema)
 
 
 class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
@@ -236,10 +242,6 @@ class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
         # Greedy: each case's outcome is the same on every run (sampled, the pydantic cases
         # passed now and then, whenever the random model happened to close a string early).
         return {**self.server.client_params(), "model": "tiny", "temperature": 0}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
 
     @property
     def has_structured_output(self) -> bool:
@@ -264,6 +266,52 @@ class TestChatLLMAPIIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=RANDOM_MODEL, raises=OutputParserException, strict=True)
     def test_json_mode(self, model: Any) -> None:
         super().test_json_mode(model)
+
+    @pytest.mark.xfail(reason=BOUNDS_REFUSED + "; past that the test checks that the model "
+                       "read 3 from the question (args == {'input': 3})",
+                       raises=BadRequestError, strict=True)
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_tool_calling(self, model: Any) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(reason=BOUNDS_REFUSED + "; past that the test checks that the model "
+                       "read 3 from the question (args == {'input': 3})",
+                       raises=BadRequestError, strict=True)
+    async def test_tool_calling_async(self, model: Any) -> None:
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=BOUNDS_REFUSED, raises=BadRequestError, strict=True)
+    def test_tool_choice(self, model: Any) -> None:
+        super().test_tool_choice(model)
+
+    @pytest.mark.xfail(reason=UNBOUNDED_STRING.format("answer_style"), raises=AssertionError,
+                       strict=True)
+    def test_bind_runnables_as_tools(self, model: Any) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @pytest.mark.xfail(reason="magic_function_no_args' schema ({'properties': {}}) allows "
+                       "additional properties, and the random-weight model fills the forced "
+                       "call's arguments with an endless key instead of {} (under "
+                       "bind_tools(strict=True) it writes {}, then, parallel calls allowed, "
+                       "calls again; the test wants exactly one call)", raises=AssertionError,
+                       strict=True)
+    def test_tool_calling_with_no_arguments(self, model: Any) -> None:
+        super().test_tool_calling_with_no_arguments(model)
+
+    @pytest.mark.xfail(reason=NO_CHOICE_OF_ITS_OWN + " (the loop with a forced call: "
+                       "test_lc_tools.py::test_round_trip_call_result_answer and the README's "
+                       "agent)", raises=AssertionError, strict=True)
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason="checks that the model copied the Chinese name from the "
+                       "question into the call; besides, " + UNBOUNDED_STRING.format(
+                           "customer_name"), raises=AssertionError, strict=True)
+    def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
+                                           force_tool_call: bool = True) -> None:
+        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice,
+                                                   force_tool_call=force_tool_call)
 
     @ONLY_THE_MARKED_CASE
     @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
