@@ -86,10 +86,13 @@ class Parsing:
     (None: tell from the text)."""
 
     def __init__(self, tools: ToolSpec | None, reasoning: dict[str, Any] | None,
-                 opened: bool | None) -> None:
+                 opened: bool | None, forced: bool = False) -> None:
         self.tools = tools
         self.reasoning = reasoning
         self.opened = opened
+        # tool_choice required/named: the grammar makes the whole answer calls, so any
+        # text left is a call cut short by max_tokens, not content.
+        self.forced = forced
 
     @property
     def active(self) -> bool:
@@ -104,7 +107,7 @@ class Parsing:
         if self.tools is None:
             return thought, text, None
         content, calls = split_calls(text, *self.tools)
-        return thought, content, calls
+        return thought, None if self.forced else content, calls
 
     def stream(self) -> AnswerDeltas:
         return AnswerDeltas(self)
@@ -118,6 +121,7 @@ class AnswerDeltas:
         self._thinking = ReasoningStream(reasoning["open"], reasoning["close"],
                                          started=parsing.opened) if reasoning else None
         self._calls = CallDeltas(*parsing.tools) if parsing.tools else None
+        self._forced = parsing.forced
 
     @property
     def called(self) -> bool:
@@ -125,14 +129,18 @@ class AnswerDeltas:
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         if self._thinking is None:
-            return self._content(text)
-        return self._split(self._thinking.feed(text))
+            return self._unforced(self._content(text))
+        return self._unforced(self._split(self._thinking.feed(text)))
+
+    def _unforced(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A forced answer's deltas without content (see `Parsing.forced`)."""
+        return [d for d in deltas if "content" not in d] if self._forced else deltas
 
     def close(self) -> list[dict[str, Any]]:
         deltas = self._split(self._thinking.close()) if self._thinking is not None else []
         if self._calls is not None:
             deltas += self._calls.close()
-        return deltas
+        return self._unforced(deltas)
 
     def _split(self, parts: list[tuple[str, str]]) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []

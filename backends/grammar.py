@@ -98,6 +98,16 @@ def tool_grammar(tools: Sequence[dict[str, Any]], names: Sequence[str], tool_for
     """GBNF of output that is only calls of the tools `names`, written as `tool_format`
     writes them (backends.toolcalls): one call, or with `parallel` one or more, each a
     JSON object with the tool's name and arguments that match its parameter schema."""
+    try:
+        return _tool_grammar(tools, names, tool_format, parallel, limits)
+    except InvalidRequest as exc:  # name the tools, not response_format
+        raise InvalidRequest(exc.message.replace(
+            "response_format.json_schema: ", "tools (a forced tool_choice enforces their "
+            "parameter schemas): ", 1), param="tools") from None
+
+
+def _tool_grammar(tools: Sequence[dict[str, Any]], names: Sequence[str], tool_format: str,
+                  parallel: bool, limits: GrammarLimits) -> str:
     from backends.toolcalls import FORMATS
 
     fmt = FORMATS[tool_format]

@@ -85,7 +85,8 @@ def _parsing(body: ChatCompletionRequest, info: ModelInfo) -> Parsing:
         else None
     # Template variables may open or close the think block: then tell from the text.
     opened = None if body.template_kwargs() else bool(reasoning and reasoning.get("opened"))
-    return Parsing((info.tool_format, names) if names else None, reasoning, opened)
+    return Parsing((info.tool_format, names) if names else None, reasoning, opened,
+                   forced=body.forced_tools() is not None)
 
 
 def _chat_choice(index: int, result: service.Completed, scored: bool,
@@ -97,7 +98,7 @@ def _chat_choice(index: int, result: service.Completed, scored: bool,
         thought, content, calls = parsing.whole(result.text)
     message = AssistantMessage(content=content, tool_calls=calls, reasoning_content=thought)
     return ChatChoice(index=index, message=message,
-                      finish_reason="tool_calls" if calls else _finish(result.final),
+                      finish_reason=_finish_with(calls is not None, result.final),
                       logprobs=ChoiceLogprobs.of(result.logprobs, scored))
 
 
@@ -172,6 +173,12 @@ def _echoed(body: CompletionRequest, index: int) -> int:
 
 def _finish(final: Chunk | None) -> Any:
     return final.finish_reason if final is not None and final.finish_reason else "stop"
+
+
+def _finish_with(called: bool, final: Chunk | None) -> Any:
+    """`tool_calls` when the answer made calls, unless max_tokens cut it (`length`)."""
+    reason = _finish(final)
+    return "tool_calls" if called and reason != "length" else reason
 
 
 def _sse(frames: AsyncIterator[Frame], settings: Any) -> EventStream:
@@ -262,7 +269,7 @@ def _chat_frames(choices: Choices, model: str, include_usage: bool, scored: bool
             parts += deltas.close()
         out += [dump([ChunkChoice(index=index, delta=d)]) for d in parts]
         if finished:
-            reason = "tool_calls" if deltas.called else _finish(chunk)
+            reason = _finish_with(deltas.called, chunk)
             out.append(dump([ChunkChoice(index=index, delta={}, finish_reason=reason)]))
         return out
 

@@ -90,9 +90,11 @@ def test_required_gives_calls_that_match_the_schemas(sdk: OpenAI, model: str, se
                                         tool_choice="required", max_tokens=120, seed=seed,
                                         temperature=1.0, parallel_tool_calls=parallel)
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
+    # parallel calls may go on until max_tokens cuts one: then "length", the complete ones
+    assert choice.finish_reason == "tool_calls" or parallel, choice
     calls = choice.message.tool_calls or []
     assert calls and (parallel or len(calls) == 1)
+    assert choice.message.content is None  # a forced answer is calls only
     for call in calls:
         valid_call(call, set(SCHEMAS))
     assert len({c.id for c in calls}) == len(calls)
@@ -114,7 +116,7 @@ def test_a_named_function_is_the_one_called_once_without_parallel_calls(
 def test_streamed_calls_accumulate_in_the_sdk_as_the_whole_answer(sdk: OpenAI,
                                                                   model: str) -> None:
     asked = {"model": model, "messages": ASK, "tools": TOOLS, "tool_choice": "required",
-             "max_tokens": 200, "seed": 5, "temperature": 1.0}
+             "max_tokens": 200, "seed": 5, "temperature": 1.0, "parallel_tool_calls": False}
     whole = sdk.chat.completions.create(**asked)  # type: ignore[call-overload]
     with sdk.chat.completions.stream(**asked) as stream:  # the SDK's own accumulator
         streamed = stream.get_final_completion()
@@ -128,7 +130,8 @@ def test_streamed_calls_accumulate_in_the_sdk_as_the_whole_answer(sdk: OpenAI,
 
 def test_raw_stream_deltas_have_the_openai_shape(server: LiveServer) -> None:
     body = {"model": "qwen", "messages": ASK, "tools": TOOLS, "tool_choice": "required",
-            "max_tokens": 200, "seed": 1, "temperature": 1.0, "stream": True}
+            "max_tokens": 200, "seed": 1, "temperature": 1.0, "stream": True,
+            "parallel_tool_calls": False}
     with server.client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -144,6 +147,24 @@ def test_raw_stream_deltas_have_the_openai_shape(server: LiveServer) -> None:
         assert all("id" not in c and "name" not in c["function"] for c in mine[1:])
         json.loads("".join(c["function"]["arguments"] for c in mine))
     assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_is_length_without_leaked_text(
+        server: LiveServer, stream: bool) -> None:
+    body = {"model": "qwen", "messages": ASK, "tools": [WEATHER], "tool_choice": "required",
+            "max_tokens": 6, "temperature": 0, "stream": stream}
+    response = server.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    if not stream:
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert choice["message"]["content"] is None and "tool_calls" not in choice["message"]
+        return
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    deltas = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert not "".join(d["delta"].get("content") or "" for d in deltas)
+    assert deltas[-1]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
@@ -183,7 +204,7 @@ def test_tools_are_in_the_prompt_the_template_renders(server: LiveServer) -> Non
     ({"tools": TOOLS, "logprobs": True}, "unsupported_parameter", ("logprobs",)),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "integer", "not": {"const": 1}}}}}}],
-      "tool_choice": "required"}, "invalid_request", ("not",)),
+      "tool_choice": "required"}, "invalid_request", ("tools", "not")),
     ({"tools": TOOLS, "tool_choice": "required",
       "response_format": {"type": "json_object"}}, "invalid_request", ("response_format",)),
 ])
@@ -191,7 +212,8 @@ def test_bad_tool_requests_are_400s_that_say_why(server: LiveServer, body: dict[
                                                  code: str, mentions: tuple[str, ...]) -> None:
     response = server.client.post("/v1/chat/completions",
                                   json={"model": "qwen", "messages": ASK, **body})
-    assert_error(response, 400, code, mentions)
+    error = assert_error(response, 400, code, mentions)
+    assert "response_format" not in error["message"] or "response_format" in body
 
 
 @pytest.mark.parametrize(("messages", "mentions"), [
