@@ -108,6 +108,20 @@ class MessageToolCall(StrictSchema):
 
 
 class ChatMessage(StrictSchema):
+    # `_consistent`, as the OpenAPI document says it (so generated requests obey it too).
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"required": ["tool_call_id"],
+                  "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+        {"if": {"properties": {"role": {"const": "assistant"}}},
+         "else": {"properties": {"tool_calls": {"anyOf": [
+             {"type": "null"}, {"type": "array", "maxItems": 0}]}}}},
+        {"if": {"properties": {"role": {"const": "assistant"},
+                               "tool_calls": {"type": "array", "minItems": 1}},
+                "required": ["tool_calls"]},
+         "else": {"required": ["content"],
+                  "properties": {"content": {"not": {"type": "null"}}}}}]})
+
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="`developer` is treated as `system`; `tool` carries a tool's result.")
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = \
