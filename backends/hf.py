@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -19,6 +19,7 @@ from backends.base import (
     CHAT,
     EMBED,
     GENERATE,
+    JSON_OUTPUT,
     TOKENIZE,
     TOOLS,
     Backend,
@@ -35,6 +36,9 @@ from backends.errors import (
     ModelLoadError,
 )
 from backends.text import chat_template_refusals
+
+if TYPE_CHECKING:
+    from backends.hf_grammar import GrammarCompiler, GrammarMatcher
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
@@ -103,14 +107,18 @@ class HFBackend(Backend):
         self.reasoning_format = params.reasoning_format
         self._pooling = read_pooling(folder, params.normalize_embeddings)
         self._context = self._context_length(model, tokenizer, params, self._pooling.max_length)
+        self._grammars: GrammarCompiler | None = None
         if task == "embedding":
             self.capabilities = frozenset({EMBED, TOKENIZE})
         else:
             from backends.hfgen import TokenLoop
 
-            self._loop: TokenLoop | None = TokenLoop(model, self._eos_ids(model, tokenizer))
+            eos_ids = self._eos_ids(model, tokenizer)
+            self._loop: TokenLoop | None = TokenLoop(model, eos_ids)
+            self._grammars = self._grammar_compiler(model, tokenizer, eos_ids)
             chat = {CHAT, TOOLS} if tokenizer.chat_template else set()
-            self.capabilities = frozenset({GENERATE, EMBED, TOKENIZE} | chat)
+            json = {JSON_OUTPUT} if self._grammars is not None else set()
+            self.capabilities = frozenset({GENERATE, EMBED, TOKENIZE} | chat | json)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -198,6 +206,24 @@ class HFBackend(Backend):
         return limit if isinstance(limit, int) and 0 < limit < 10_000_000 else DEFAULT_CONTEXT
 
     @staticmethod
+    def _grammar_compiler(model: Any, tokenizer: Any, eos_ids: set[int]) -> GrammarCompiler | None:
+        """Constrained output (JSON_OUTPUT) where llguidance (the hf extra) is installed and
+        the tokenizer is a fast one."""
+        try:
+            from backends import hf_grammar
+        except ImportError:
+            log.info("llguidance is not installed: no constrained output (response_format, "
+                     "forced tool calls) for transformers models")
+            return None
+        if not hf_grammar.available(tokenizer):
+            log.info("%s is not a fast tokenizer: no constrained output for this model",
+                     type(tokenizer).__name__)
+            return None
+        vocab_size = getattr(model.config, "vocab_size", None)
+        return hf_grammar.GrammarCompiler(tokenizer, eos_ids,
+                                          vocab_size if isinstance(vocab_size, int) else 0)
+
+    @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         ids: set[int] = set()
         for value in (getattr(model.generation_config, "eos_token_id", None),
@@ -252,9 +278,23 @@ class HFBackend(Backend):
 
     # -- generation ------------------------------------------------------------------------
 
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """The prompt's token ids and the completion's token budget, checked against the
-        context (shared by the serial and the batched path)."""
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The base class's, and the request's grammar compiled (and cached) when it is
+        first readied: in the server's prepare step that runs on the tokenizer thread, so
+        a grammar llguidance rejects is a 400 before admission and the engine thread only
+        copies the compiled one. (The prepare step writes the grammar after it tokenizes;
+        the text written here with the default limits is the same unless the model's
+        grammar limits differ, and then the engine compiles the prepared one itself.)"""
+        tokens = super().prompt_tokens(request)
+        if request.prompt_ids is None and self._grammars is not None:
+            self._grammars.precompile(request.params, request.tools, self.tool_format)
+        return tokens
+
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int,
+                                                            GrammarMatcher | None]:
+        """The prompt's token ids, the completion's token budget (checked against the
+        context) and the matcher of its grammar, if any (shared by the serial and the
+        batched path)."""
         if self._task == "embedding":
             raise CapabilityNotSupported("This is an embedding model (setup_params.task: "
                                          "embedding); it does not generate text.")
@@ -265,19 +305,33 @@ class HFBackend(Backend):
         if max_tokens > room or room <= 0:
             raise ContextLengthExceeded(prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
                                         context_length=self.context_length)
-        return tokens, max_tokens
+        return tokens, max_tokens, self._grammar_matcher(request)
+
+    def _grammar_matcher(self, request: GenerationRequest) -> GrammarMatcher | None:
+        from backends.hf_grammar import wanted
+
+        params = request.params
+        if not wanted(params):
+            return None
+        if self._grammars is None:
+            raise CapabilityNotSupported(
+                "This model cannot constrain its output (it needs the llguidance package "
+                "and a fast tokenizer).",
+                param="tools" if params.tool_choice is not None else "response_format")
+        gbnf = self._grammars.grammar(params, request.tools, self.tool_format)
+        return None if gbnf is None else self._grammars.matcher(gbnf, params)
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         from backends.hfgen import text_chunks
 
         params = request.params
-        tokens, max_tokens = self._prepare(request)
+        tokens, max_tokens, grammar = self._prepare(request)
         yield Chunk(prompt_tokens=len(tokens))
         if params.echo and request.prompt:
             yield Chunk(text=request.prompt)
         assert self._loop is not None
-        yield from text_chunks(self._loop.tokens(tokens, params, max_tokens), self._decode,
-                               tokens, params, max_tokens)
+        yield from text_chunks(self._loop.tokens(tokens, params, max_tokens, grammar),
+                               self._decode, tokens, params, max_tokens, grammar)
 
     def batch_engine(self) -> BatchEngine | None:
         """Continuous batching (model_params.parallel > 1) for models whose KV cache can be
@@ -313,7 +367,7 @@ class HFBackend(Backend):
         return vectors
 
     def close(self) -> None:
-        self._model = self._tokenizer = self._loop = None
+        self._model = self._tokenizer = self._loop = self._grammars = None
         gc.collect()
         import torch
 

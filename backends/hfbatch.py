@@ -7,9 +7,10 @@ it would compute alone. A newly admitted prompt is prefilled alone (batch of one
 like the serial loop) and its cache is then joined to the batch; a retired or cancelled
 sequence's rows are dropped at once and the padding columns nobody needs any more are cut.
 
-Sampling stays per sequence: its own logits processors (penalties, temperature, top-k/p,
-min-p), its own seeded `torch.Generator`, greedy at temperature 0; stop strings and text
-assembly are the serial path's (`backends.text`). Imported only when such a model loads.
+Sampling stays per sequence: its own grammar mask (constrained output, backends.hf_grammar),
+logits processors (penalties, temperature, top-k/p, min-p), its own seeded
+`torch.Generator`, greedy at temperature 0; stop strings and text assembly are the serial
+path's (`backends.text`). Imported only when such a model loads.
 
 Why not transformers' `ContinuousBatchingManager`: it applies one generation config to every
 request (no per-request penalties, min-p or seed) and runs its own thread, while the
@@ -22,7 +23,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional
@@ -34,13 +35,17 @@ from backends.errors import BackendFailure, LLMAPIError
 from backends.hfgen import generation_config, logits_processors
 from backends.text import StopMatcher, TokenTextStream
 
+if TYPE_CHECKING:
+    from backends.hf_grammar import GrammarMatcher
+
 log = logging.getLogger(__name__)
 
 #: Prompt tokens prefilled per step (at least one whole prompt): a burst of long prompts
 #: must not stall the running streams for many prompts' worth of compute at once.
 PREFILL_BUDGET = 512
 
-Prepare = Callable[[GenerationRequest], tuple[list[int], int]]
+#: The backend's readying of a request: prompt ids, token budget, grammar matcher or None.
+Prepare = Callable[[GenerationRequest], tuple[list[int], int, "GrammarMatcher | None"]]
 Step = list[tuple[int, Chunk | LLMAPIError]]
 
 
@@ -57,6 +62,7 @@ class Sequence:
     generator: torch.Generator
     text: TokenTextStream
     stops: StopMatcher
+    grammar: GrammarMatcher | None = None
     generated: list[int] = field(default_factory=list)
     pending: list[Chunk] = field(default_factory=list)  # emitted at the next step (echo)
     next_token: int = -1  # sampled, not yet in the cache
@@ -65,6 +71,8 @@ class Sequence:
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's row of logits (shape [vocab])."""
         scores = logits.float().unsqueeze(0)
+        if self.grammar is not None:
+            scores = self.grammar.mask(scores)
         if self.processors:
             ids = torch.tensor([self.prompt + self.generated], device=logits.device)
             scores = self.processors(ids, scores)  # type: ignore[arg-type]
@@ -77,18 +85,26 @@ class Sequence:
         """Chunks for a sampled token (one piece per token, like the serial path); the last
         one carries `finish_reason` when the sequence is done."""
         if token in eos_ids:
-            return self._finish([], "stop")
+            return self._finish(self._flushed([]), "stop")
         self.generated.append(token)
+        complete = self.grammar is not None and self.grammar.advance(token)
         piece, hit_stop = self.stops.push(self.text.push(token))
         chunks = [Chunk(text=piece)]
         if hit_stop:
             return self._finish(chunks, "stop")
+        if complete:
+            return self._finish(self._flushed(chunks), "stop")
         if len(self.generated) >= self.max_tokens:
-            tail, _ = self.stops.push(self.text.flush())
-            if tail := tail + self.stops.flush():
-                chunks.append(Chunk(text=tail))
-            return self._finish(chunks, "length")
+            return self._finish(self._flushed(chunks), "length")
         self.next_token = token
+        return chunks
+
+    def _flushed(self, chunks: list[Chunk]) -> list[Chunk]:
+        """`chunks` and the text held back (an incomplete character, a possible stop
+        string's start), as the serial path emits it at the end."""
+        tail, _ = self.stops.push(self.text.flush())
+        if tail := tail + self.stops.flush():
+            chunks.append(Chunk(text=tail))
         return chunks
 
     def _finish(self, chunks: list[Chunk], reason: str) -> list[Chunk]:
@@ -135,7 +151,7 @@ class HFBatchEngine(BatchEngine):
     # -- the BatchEngine contract ----------------------------------------------------------
 
     def admit(self, key: int, request: GenerationRequest) -> Chunk:
-        prompt, max_tokens = self._prepare(request)
+        prompt, max_tokens, grammar = self._prepare(request)
         params = request.params
         config = generation_config(params, max_tokens)
         generator = torch.Generator(device=self.model.device)
@@ -144,7 +160,7 @@ class HFBatchEngine(BatchEngine):
                             config=config,
                             processors=logits_processors(config, params, len(prompt)),
                             generator=generator, text=TokenTextStream(self._decode, prompt),
-                            stops=StopMatcher(params.stop))
+                            stops=StopMatcher(params.stop), grammar=grammar)
         if params.echo and request.prompt:
             sequence.pending.append(Chunk(text=request.prompt))
         self._waiting.append(sequence)

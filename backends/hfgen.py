@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import secrets
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -28,6 +28,9 @@ from transformers import (
 
 from backends.base import Chunk, GenerationParams
 from backends.text import StopMatcher, TokenTextStream
+
+if TYPE_CHECKING:
+    from backends.hf_grammar import GrammarMatcher
 
 
 def generation_config(params: GenerationParams, max_tokens: int) -> GenerationConfig:
@@ -84,9 +87,10 @@ class TokenLoop:
         # logits of the last position only (not of every prompt token), where supported
         self.keeps_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def tokens(self, prompt: list[int], params: GenerationParams,
-               max_tokens: int) -> Iterator[int]:
-        """Sampled token ids, until EOS (not yielded) or `max_tokens`."""
+    def tokens(self, prompt: list[int], params: GenerationParams, max_tokens: int,
+               grammar: GrammarMatcher | None = None) -> Iterator[int]:
+        """Sampled token ids, until EOS (not yielded), `max_tokens`, or the end of the
+        `grammar` that constrains them."""
         config = generation_config(params, max_tokens)
         processors = logits_processors(config, params, len(prompt))
         device = self.model.device
@@ -96,7 +100,10 @@ class TokenLoop:
         with torch.inference_mode():
             out = self._forward(sequence, None)
             for step in range(max_tokens):
-                scores = processors(sequence, out.logits[:, -1, :].float())  # type: ignore[arg-type]
+                logits = out.logits[:, -1, :].float()
+                if grammar is not None:
+                    logits = grammar.mask(logits)
+                scores = processors(sequence, logits)  # type: ignore[arg-type]
                 if config.do_sample:
                     token = torch.multinomial(torch.softmax(scores, dim=-1), 1,
                                               generator=generator)
@@ -105,7 +112,10 @@ class TokenLoop:
                 value = int(token.item())
                 if value in self.eos_ids:
                     return
+                complete = grammar is not None and grammar.advance(value)
                 yield value
+                if complete:
+                    return
                 if step + 1 < max_tokens:
                     sequence = torch.cat([sequence, token], dim=1)
                     out = self._forward(token, out.past_key_values)
@@ -118,9 +128,11 @@ class TokenLoop:
 
 
 def text_chunks(tokens: Iterator[int], decode: Callable[[list[int]], str], prompt: list[int],
-                params: GenerationParams, max_tokens: int) -> Iterator[Chunk]:
+                params: GenerationParams, max_tokens: int,
+                grammar: GrammarMatcher | None = None) -> Iterator[Chunk]:
     """Token ids → text chunks (one per token; stop strings cut and removed) + the final
-    chunk with the finish reason and counts. The caller yields the accepted chunk first."""
+    chunk with the finish reason and counts ("stop" when the `grammar` was completed, even
+    by the last token allowed). The caller yields the accepted chunk first."""
     text, stops = TokenTextStream(decode, prompt), StopMatcher(params.stop)
     count, hit_stop = 0, False
     for token in tokens:
@@ -133,5 +145,6 @@ def text_chunks(tokens: Iterator[int], decode: Callable[[list[int]], str], promp
         tail, _ = stops.push(text.flush())
         if tail := tail + stops.flush():
             yield Chunk(text=tail)
-    finish = "stop" if hit_stop or count < max_tokens else "length"
+    complete = grammar is not None and grammar.complete
+    finish = "stop" if hit_stop or complete or count < max_tokens else "length"
     yield Chunk(finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=count)

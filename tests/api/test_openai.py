@@ -22,7 +22,7 @@ GREEDY = {"temperature": 0, "max_tokens": 16}
 # optional features expect their clear 400 exactly where a capability is missing here.
 EXPECTED_CAPABILITIES = {
     "tiny": {"generate", "chat", "embed", "tokenize", "json_output", "logprobs", "tools"},
-    "tiny-hf": {"generate", "chat", "embed", "tokenize", "tools"},  # no grammar, no logprobs
+    "tiny-hf": {"generate", "chat", "embed", "tokenize", "json_output", "tools"},  # no logprobs
 }
 
 
