@@ -45,8 +45,9 @@ class Person(BaseModel):
 
 def test_structured_output_and_json_mode(v1: LiveServer, model: str) -> None:
     # Where a random-weight model ends a JSON object depends on the sampled path (and so on
-    # the seed and the engine's numerics): seed 7 closes both objects within 300 tokens.
-    llm = chat_model(v1, model, max_tokens=300, seed=7, temperature=1.0)
+    # the seed and the engine's numerics): seed 0 closes both objects within 300 tokens,
+    # on both families.
+    llm = chat_model(v1, model, max_tokens=300, seed=0, temperature=1.0)
     if "json_output" not in EXPECTED_CAPABILITIES[model]:  # the family says so clearly
         with pytest.raises(openai.BadRequestError, match="response_format"):
             llm.with_structured_output(Person, method="json_schema").invoke("a person")

@@ -111,8 +111,8 @@ def test_stops_seeds_and_chat(server: LiveServer) -> None:
     assert CHAT in backend.capabilities
     messages = ({"role": "user", "content": "hi"},)
     assert backend.apply_chat_template(messages) == "<s>user\nhi</s>\n<s>assistant\n"
-    assert server.model_stats("q")["capabilities"] == ["chat", "embed", "generate", "tokenize",
-                                                       "tools"]
+    assert server.model_stats("q")["capabilities"] == ["chat", "embed", "generate", "json_output",
+                                                       "tokenize", "tools"]
 
 
 def test_embeddings_and_limits(server: LiveServer) -> None:
