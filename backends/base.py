@@ -12,9 +12,9 @@ import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import CapabilityNotSupported, LLMAPIError
 
@@ -113,6 +113,19 @@ class ModelParams(BaseModel):
     """Base of each family's `model_params` schema: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ChatParams(ModelParams):
+    """`model_params` a family with chat templates shares: how its answers are read."""
+
+    tool_format: Literal["auto", "hermes", "llama3", "mistral", "json"] = Field(
+        "auto", description="How the model writes tool calls: auto (read from the chat "
+        "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
+        "template without tools gets them in its system prompt and answers in json).")
+    reasoning_format: Literal["auto", "none", "think"] = Field(
+        "auto", description="Where the model's reasoning goes: auto (a template that writes "
+        "<think> blocks: their text becomes reasoning_content), think (always split "
+        "<think>…</think>), none (everything is content).")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from backends.base import (
     TOOLS,
     Backend,
     BatchEngine,
+    ChatParams,
     Chunk,
     GenerationRequest,
     ModelParams,
@@ -48,7 +49,7 @@ DEFAULT_CONTEXT = 2048
 _LOAD_LOCK = threading.Lock()
 
 
-class HFParams(ModelParams):
+class HFParams(ChatParams):
     """`model_params` of `model_family: huggingface`."""
 
     device_map: str = Field("auto", pattern=r"^(auto|balanced|sequential|cpu|mps|cuda(:\d+)?)$",
@@ -65,14 +66,6 @@ class HFParams(ModelParams):
                                        "max_position_embeddings.")
     chat_template: str | None = Field(None, max_length=100_000, description="Jinja chat "
                                       "template overriding the tokenizer's.")
-    tool_format: Literal["auto", "hermes", "llama3", "mistral", "json"] = Field(
-        "auto", description="How the model writes tool calls: auto (read from the chat "
-        "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
-        "template without tools gets them in its system prompt and answers in json).")
-    reasoning_format: Literal["auto", "none", "think"] = Field(
-        "auto", description="Where the model's reasoning goes: auto (a template that writes "
-        "<think> blocks: their text becomes reasoning_content), think (always split "
-        "<think>…</think>), none (everything is content).")
     normalize_embeddings: bool | None = Field(None, description="L2-normalise vectors; "
                                               "default: yes, or the embedding model's choice.")
     parallel: int = Field(4, ge=1, le=256, description="Requests decoded together in one "

@@ -26,9 +26,9 @@ from backends.base import (
     TOOLS,
     Backend,
     BatchEngine,
+    ChatParams,
     Chunk,
     GenerationRequest,
-    ModelParams,
     ModelSpec,
     TokenLogprob,
 )
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class LlamaParams(ModelParams):
+class LlamaParams(ChatParams):
     """`model_params` of `model_family: llama` (passed to llama_cpp.Llama)."""
 
     n_ctx: int = Field(2048, ge=0, le=1_048_576, description="Context size in tokens "
@@ -75,14 +75,6 @@ class LlamaParams(ModelParams):
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "
                                       "GGUF's tokenizer.chat_template.")
-    tool_format: Literal["auto", "hermes", "llama3", "mistral", "json"] = Field(
-        "auto", description="How the model writes tool calls: auto (read from the chat "
-        "template: <tool_call> hermes/Qwen, <|python_tag|> llama3, [TOOL_CALLS] mistral; a "
-        "template without tools gets them in its system prompt and answers in json).")
-    reasoning_format: Literal["auto", "none", "think"] = Field(
-        "auto", description="Where the model's reasoning goes: auto (a template that writes "
-        "<think> blocks: their text becomes reasoning_content), think (always split "
-        "<think>…</think>), none (everything is content).")
     embeddings: bool = Field(True, description="Serve /embeddings (mean-pooled; a second "
                              "context is created on the first embeddings request).")
     normalize_embeddings: bool = Field(True, description="L2-normalise embedding vectors.")
