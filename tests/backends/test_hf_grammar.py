@@ -26,19 +26,10 @@ from backends.hf import HFBackend, HFParams
 from backends.hf_grammar import to_lark
 from backends.hfbatch import HFBatchEngine
 from engine.ops import ModelLimits, prepare
+from tests.api.test_openai import PERSON
 from tests.backends.conftest import TINY_GPTQ, TINY_HF
 from tests.backends.test_grammar import BOUNDED_PATTERNS, BOUNDED_SCHEMAS, validate
 
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 8},
-                   "ok": {"type": "boolean"},
-                   "color": {"enum": ["red", "green", "blue"]},
-                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
-                            "maxItems": 3}},
-    "required": ["name", "ok", "color", "tags"],
-    "additionalProperties": False,
-}
 ASK = ({"role": "user", "content": "a person as JSON"},)
 
 
