@@ -124,8 +124,9 @@ def test_streamed_calls_merge_into_the_whole_answers(chat: ChatLLMAPI,
     streamed = merged(chunks)
     assert valid_calls(streamed, [get_weather, get_time]) == \
         valid_calls(whole, [get_weather, get_time])
+    # "length" when max_tokens cut a further call short (the complete ones are returned)
     assert streamed.response_metadata["finish_reason"] == whole.response_metadata[
-        "finish_reason"] == "tool_calls"
+        "finish_reason"] in {"tool_calls", "length"}
     pieces = [c for chunk in chunks for c in chunk.tool_call_chunks]
     firsts = [p for p in pieces if p["id"]]
     assert len(firsts) == len(whole.tool_calls)
