@@ -344,20 +344,20 @@ class HFBackend(Backend):
     # -- embeddings ------------------------------------------------------------------------
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        from backends.hfembed import hidden_states, pool
+        """All texts tokenized at once, every length checked before any forward pass, then
+        embedded in padded, length-sorted batches (`backends.hfembed.embed_sequences`)."""
+        from backends.hfembed import embed_sequences
 
         encoder = self._model if self._task == "embedding" else self._model.base_model
-        sequences = [self.tokenize(text) for text in texts]
+        sequences: list[list[int]] = self._tokenizer(texts)["input_ids"] if texts else []
         for i, ids in enumerate(sequences):
             if len(ids) > self.context_length:
                 raise ContextLengthExceeded(prompt_tokens=len(ids), max_tokens=0,
                                             context_length=self.context_length,
                                             param=f"text[{i}]" if len(texts) > 1 else "text")
-        vectors = []
-        for ids in sequences:
-            hidden, mask = hidden_states(encoder, ids)
-            vectors.append(pool(hidden, mask, self._pooling)[0].tolist())
-        return vectors
+        pad = self._tokenizer.pad_token_id
+        return embed_sequences(encoder, sequences, self._pooling,
+                               pad if isinstance(pad, int) else 0)
 
     def close(self) -> None:
         self._model = self._tokenizer = self._loop = self._grammars = None

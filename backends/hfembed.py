@@ -76,11 +76,51 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     return vectors
 
 
-def hidden_states(encoder: Any, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's last hidden state for one sequence, and its attention mask."""
-    device = encoder.device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    mask = torch.ones_like(input_ids)
-    with torch.inference_mode():
-        out = encoder(input_ids=input_ids, attention_mask=mask)
-    return out.last_hidden_state, mask
+#: Texts per forward pass at most (sentence-transformers' `encode` default is 32; 64 keeps
+#: two cores busier on short texts).
+BATCH_TEXTS = 64
+#: Padded tokens per forward pass at most: long texts go fewer at a time, so a batch's
+#: activations (and attention scores, batch x heads x length^2) stay small.
+BATCH_TOKENS = 16_384
+
+
+def batches(lengths: list[int], max_texts: int = BATCH_TEXTS,
+            max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Indices of the sequences in forward-pass batches: longest first (as
+    sentence-transformers sorts), so each batch pads to about its own length; a batch holds
+    at most `max_texts` sequences and `max_tokens` padded tokens (at least one sequence)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < max_texts \
+                and lengths[out[-1][0]] * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def embed_sequences(encoder: Any, sequences: list[list[int]], pooling: Pooling,
+                    pad_id: int = 0) -> list[list[float]]:
+    """One vector per token-id sequence, computed in padded, length-sorted batches.
+
+    Sequences are padded on the right and masked: an encoder's real tokens never attend to
+    the padding, nor does a causal LM's (its pads come after them), and positions count from
+    0 in each row either way, so a vector does not depend on what it was batched with (up
+    to float rounding)."""
+    vectors: list[list[float]] = [[] for _ in sequences]
+    for batch in batches([len(s) for s in sequences]):
+        width = max(1, len(sequences[batch[0]]))
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = sequences[i]
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, :len(ids)] = 1
+        device = encoder.device
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        for i, vector in zip(batch, pool(hidden, mask, pooling).tolist(), strict=True):
+            vectors[i] = vector
+    return vectors

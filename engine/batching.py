@@ -13,6 +13,7 @@ import collections
 import logging
 import queue
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Backend, BatchEngine
@@ -26,8 +27,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Texts embedded together at most, across coalesced /embeddings requests.
+#: Texts embedded together at most, across coalesced /embeddings requests, between two decode
+#: steps of the generations this loop runs (an embedding call holds them up).
 EMBED_BATCH = 64
+
+
+def embed_together(scheduler: ModelScheduler, backend: Backend, group: list[Job],
+                   finish: Callable[[Job, str, float], None]) -> None:
+    """Embed the jobs' texts in one `backend.embed` call and answer every job at once (one
+    delivery). When the call fails the group is halved and each half tried again, down to a
+    job run alone: each request gets its own error (its `param` names its own text), and a
+    bad request costs the others a few extra calls, not one call each. `finish(job,
+    outcome, started)` counts each job's end."""
+    started = time.monotonic()
+    if len(group) == 1:
+        finish(group[0], scheduler.run(group[0], backend), started)
+        return
+    texts = [text for job in group for text in job.texts or ()]
+    try:
+        vectors = backend.embed(texts)
+    except Exception:  # noqa: BLE001 - retried in halves, each job in the end alone
+        half = len(group) // 2
+        embed_together(scheduler, backend, group[:half], finish)
+        embed_together(scheduler, backend, group[half:], finish)
+        return
+    items: list[tuple[Job, Any]] = []
+    at = 0
+    for job in group:
+        n = len(job.texts or ())
+        items += [(job, vectors[at:at + n]), (job, END)]
+        at += n
+    deliver(items)
+    for job in group:
+        finish(job, "completed", started)
 
 
 class BatchLoop:
@@ -108,8 +140,12 @@ class BatchLoop:
         """Count a job out of the queue; False (and answered) when it was cancelled."""
         with self.s._lock:
             self.s.stats.queued -= 1
+            if job.texts is not None:
+                self.s._embed_texts_waiting -= len(job.texts)
             if job.cancelled.is_set():
                 self.s.stats.cancelled += 1
+                if job.texts is not None:
+                    self.s._embed_jobs -= 1
                 job.emit(ClientDisconnected("The request was cancelled before it ran."))
                 return False
             self.s.stats.running += 1
@@ -119,6 +155,8 @@ class BatchLoop:
         log_outcome(job, outcome, started)
         with self.s._lock:
             self.s.stats.running -= 1
+            if job.texts is not None:
+                self.s._embed_jobs -= 1
             self.s.stats.busy_seconds += time.monotonic() - started
             setattr(self.s.stats, outcome, getattr(self.s.stats, outcome) + 1)
 
@@ -128,8 +166,8 @@ class BatchLoop:
             self._finish(job, self.s.run(job, self.backend), started)
 
     def _embed(self, jobs: list[Job]) -> None:
-        """Embed jobs together in bounded groups; a group that fails is retried job by job,
-        so each request gets its own error (with its own `param`)."""
+        """Embed jobs together in groups of up to EMBED_BATCH texts (`embed_together`: a
+        group that fails is retried in halves, so each request gets its own error)."""
         live = [job for job in jobs if self._begin(job)]
         group: list[Job] = []
         for job in live:
@@ -142,23 +180,7 @@ class BatchLoop:
             self._embed_group(group)
 
     def _embed_group(self, group: list[Job]) -> None:
-        started = time.monotonic()
-        texts = [text for job in group for text in job.texts or ()]
-        try:
-            vectors = self.backend.embed(texts) if len(group) > 1 else None
-        except Exception:  # noqa: BLE001 - each job is retried alone for its own answer
-            vectors = None
-        if vectors is None:
-            for job in group:
-                self._finish(job, self.s.run(job, self.backend), started)
-            return
-        at = 0
-        for job in group:
-            n = len(job.texts or ())
-            job.emit(vectors[at:at + n])
-            job.emit(END)
-            at += n
-            self._finish(job, "completed", started)
+        embed_together(self.s, self.backend, group, self._finish)
 
     # -- sequences -------------------------------------------------------------------------
 

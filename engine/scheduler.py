@@ -12,7 +12,17 @@ the streams being decoded, and tokenizing takes at most one core per model.
 
 When the backend offers a `BatchEngine`, the engine thread runs `engine.batching.BatchLoop`
 instead of the serial loop: generations are decoded together, and `running` counts
-sequences.
+sequences. Either loop embeds the /embeddings requests that are queued together in one
+backend call (the backend batches their texts): many one-text requests cost about what one
+request with all their texts costs.
+
+The queue bound: generations and calls count as requests (`max_queue` may wait beyond what
+runs). Embedding requests are bounded by texts instead, since one request may hold one text
+or hundreds: `(max_queue + capacity) x EMBED_BATCH` texts may wait (1,088 at the defaults, 17 x
+64), each text at most the model's context long; a request that would pass that gets the same
+503 (Overloaded) unless no embedding is waiting (one request is always taken, whatever its
+size: `server.max_embedding_inputs` bounds it). Waiting embeddings do not count against the
+generations' bound, nor generations against theirs.
 """
 
 from __future__ import annotations
@@ -30,12 +40,16 @@ from typing import Any
 
 from backends.base import Backend, BatchEngine, Chunk
 from backends.errors import LLMAPIError, ModelLoadError
-from engine.batching import BatchLoop
+from engine.batching import EMBED_BATCH, BatchLoop, embed_together
 from engine.errors import ClientDisconnected, ModelNotReady, Overloaded, as_domain_error
 from engine.jobs import END, Job
 from engine.logctx import about, log_outcome
 
 log = logging.getLogger(__name__)
+
+#: Texts the serial loop embeds in one backend call at most, across queued requests (it has no
+#: generations to hold up; the backend splits them into forward passes of its own size).
+SERIAL_EMBED_TEXTS = 4 * EMBED_BATCH
 
 
 @dataclass
@@ -87,6 +101,10 @@ class ModelScheduler:
         self._current: Job | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        # Embedding requests in the queue (their texts) and queued or running (jobs); see
+        # the module's docstring for the bound. Changed under `_lock`.
+        self._embed_texts_waiting = 0
+        self._embed_jobs = 0
         self.loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
         # One worker: requests tokenize one after another, on at most one core per model.
@@ -164,26 +182,70 @@ class ModelScheduler:
     # -- the engine loop -------------------------------------------------------------------
 
     def _serve_jobs(self, backend: Backend) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self.stats.queued -= 1
-                if job.cancelled.is_set() or self._stopping.is_set():
-                    self.stats.cancelled += 1
-                    job.emit(ModelNotReady(f"Model '{self.name}' is shutting down."))
-                    continue
-                self.stats.running += 1
-                self._current = job
-            started = time.monotonic()
-            outcome = self.run(job, backend)
-            with self._lock:
-                self._current = None
-                self.count(job, outcome, started)
+        held: list[Job | None] = []  # taken from the queue while gathering embeddings
+        while True:
+            job = held.pop() if held else self._jobs.get()
+            if job is None:
+                return
+            if job.texts is None:
+                self._serve_one(job, backend)
+                continue
+            group, texts = [job], len(job.texts)
+            while texts < SERIAL_EMBED_TEXTS and self._jobs.queue:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None or more.texts is None:
+                    held.append(more)  # served next, in its turn
+                    break
+                group.append(more)
+                texts += len(more.texts)
+            self._serve_embeds(group, backend)
+
+    def _dequeue(self, job: Job) -> bool:
+        """Count a job out of the queue (under `_lock`); False (and answered) when it was
+        cancelled or the model is stopping."""
+        self.stats.queued -= 1
+        if job.texts is not None:
+            self._embed_texts_waiting -= len(job.texts)
+        if job.cancelled.is_set() or self._stopping.is_set():
+            self.stats.cancelled += 1
+            if job.texts is not None:
+                self._embed_jobs -= 1
+            job.emit(ModelNotReady(f"Model '{self.name}' is shutting down."))
+            return False
+        self.stats.running += 1
+        return True
+
+    def _serve_one(self, job: Job, backend: Backend) -> None:
+        with self._lock:
+            if not self._dequeue(job):
+                return
+            self._current = job
+        started = time.monotonic()
+        outcome = self.run(job, backend)
+        with self._lock:
+            self._current = None
+            self.count(job, outcome, started)
+
+    def _serve_embeds(self, group: list[Job], backend: Backend) -> None:
+        with self._lock:
+            live = [job for job in group if self._dequeue(job)]
+        if live:
+            embed_together(self, backend, live, self._count)
+
+    def _count(self, job: Job, outcome: str, started: float) -> None:
+        with self._lock:
+            self.count(job, outcome, started)
 
     def count(self, job: Job, outcome: str, started: float) -> None:
         """A job ran (under `_lock`): requests are counted by outcome; a call (tokenizing
         on the engine thread, for a backend that must) only as busy time."""
         self.stats.running -= 1
         self.stats.busy_seconds += time.monotonic() - started
+        if job.texts is not None:
+            self._embed_jobs -= 1
         log_outcome(job, outcome, started)
         if job.request is not None or job.texts is not None:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
@@ -225,16 +287,37 @@ class ModelScheduler:
         return self.backend
 
     def submit(self, job: Job) -> None:
-        """Queue a job for the engine thread; Overloaded when the queue is full."""
+        """Queue a job for the engine thread; Overloaded when the queue is full (for an
+        embedding, when its texts would pass the texts' bound: see the module's docstring)."""
         self.check_ready()
         with self._lock:
-            if self.stats.queued + self.stats.running > self.max_queue + self.capacity - 1:
+            if job.texts is not None:
+                self._admit_embedding(len(job.texts))
+            elif self.stats.queued + self.stats.running - self._embed_jobs \
+                    > self.max_queue + self.capacity - 1:
                 raise Overloaded(
                     f"Model '{self.name}' is busy: {self.stats.running} requests are running "
                     f"and {self.stats.queued} waiting; it takes {self.capacity} at once plus "
                     f"max_queue={self.max_queue} waiting. Retry later.", self.retry_after())
             self.stats.queued += 1
         self._jobs.put(job)
+
+    @property
+    def max_embed_texts(self) -> int:
+        """Texts of embedding requests that may wait at once."""
+        return (self.max_queue + self.capacity) * EMBED_BATCH
+
+    def _admit_embedding(self, texts: int) -> None:
+        """Count an embedding request's texts in (under `_lock`), or refuse it."""
+        waiting, bound = self._embed_texts_waiting, self.max_embed_texts
+        if waiting and waiting + texts > bound:
+            raise Overloaded(
+                f"Model '{self.name}' is busy: embedding requests with {waiting} texts are "
+                f"waiting, {texts} more would pass its bound of {bound} ((max_queue="
+                f"{self.max_queue} + {self.capacity}) x {EMBED_BATCH} texts). Retry later.",
+                self.retry_after())
+        self._embed_texts_waiting += texts
+        self._embed_jobs += 1
 
     def has_room(self) -> bool:
         """True when a generation submitted now would start without waiting."""
