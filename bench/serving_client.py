@@ -4,7 +4,8 @@
 Tokens of a stream = the completion tokens the server reports in a final `usage` chunk
 (llama-server, llm-api with `stream_options.include_usage`), else the number of streamed chunks
 that carry a text field, the closing finish_reason chunk aside (llama-cpp-python's server:
-one chunk per generated token).
+one chunk per generated token). A stream also keeps the prompt tokens and cached prompt tokens
+of that usage chunk, and llama-server's `timings` (`prompt_n`, `cache_n`, ...) when sent.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Stream:
     end: float = 0.0
     chunks: int = 0
     usage: int | None = None
+    prompt_tokens: int | None = None  # usage.prompt_tokens
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
+    timings: dict[str, Any] = field(default_factory=dict)  # llama-server's last `timings`
     finish: str | None = None
     text: list[str] = field(default_factory=list)
     error: str | None = None
@@ -74,8 +78,13 @@ def _read(response: http.client.HTTPResponse, result: Stream) -> None:
         if "error" in chunk:
             result.error = str(chunk["error"])
             break
-        if chunk.get("usage"):
-            result.usage = int(chunk["usage"]["completion_tokens"])
+        if usage := chunk.get("usage"):
+            result.usage = int(usage["completion_tokens"])
+            result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            result.cached_tokens = result.cached_tokens if cached is None else int(cached)
+        if isinstance(chunk.get("timings"), dict):
+            result.timings = chunk["timings"]
         piece = _piece(chunk)
         result.finish = chunk.get("_finish", result.finish)
         if piece is None:
