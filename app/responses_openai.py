@@ -21,22 +21,42 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV cells were reused from "
+                               "a cache or another request instead of computed.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """prompt_tokens_details only from a backend that counts cached tokens."""
+        data: dict[str, Any] = handler(self)
+        if data.get("prompt_tokens_details") is None:
+            data.pop("prompt_tokens_details", None)
+        return data
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> Usage:
+    def of(cls, prompt: int, completion: int, cached: int | None = None) -> Usage:
         return cls(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)
+                   total_tokens=prompt + completion,
+                   prompt_tokens_details=None if cached is None
+                   else PromptTokensDetails(cached_tokens=cached))
 
     @classmethod
     def of_results(cls, finals: list[Chunk | None], n: int = 1) -> Usage:
         """Completion tokens of every choice; prompt tokens once per prompt (choices come
         `n` per prompt, so every n-th one starts a prompt)."""
-        prompt = sum(f.prompt_tokens or 0 for f in finals[::n] if f is not None)
-        return cls.of(prompt, sum(f.completion_tokens or 0 for f in finals if f is not None))
+        firsts = [f for f in finals[::n] if f is not None]
+        prompt = sum(f.prompt_tokens or 0 for f in firsts)
+        cached = None if all(f.cached_tokens is None for f in firsts) \
+            else sum(f.cached_tokens or 0 for f in firsts)
+        return cls.of(prompt, sum(f.completion_tokens or 0 for f in finals if f is not None),
+                      cached)
 
 
 Piece = bytes  # TopLogprob has a field named `bytes`

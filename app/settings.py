@@ -171,6 +171,11 @@ class AuthSettings(BaseModel):
                                    "failed_auth_window seconds; more get 429 with Retry-After.")
     failed_auth_window: float = Field(60.0, gt=0, description="Seconds over which failed "
                                       "authentications are counted per client address.")
+    charge_cached_prompt_tokens: bool = Field(True, description="Charge prompt tokens "
+                                              "whose KV cells were reused or shared (usage "
+                                              "cached_tokens) against token quotas and tpm "
+                                              "like computed ones; false charges only the "
+                                              "computed part.")
 
     def configured_admin_key(self) -> str | None:
         """The admin key from admin_key or admin_key_file, if one is configured."""

@@ -107,6 +107,8 @@ class Chunk:
     # With params.logprobs: the tokens generated since the previous chunk (their text may
     # arrive in a later chunk while a stop string is being matched).
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Of prompt_tokens, those whose KV cells were reused or copied instead of computed.
+    cached_tokens: int | None = None
 
 
 class ModelParams(BaseModel):

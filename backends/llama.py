@@ -71,6 +71,10 @@ class LlamaParams(ChatParams):
                               "batched decode step while other sequences are generating, so "
                               "a long prompt never stalls running streams for long (with "
                               "none generating, up to max(prompt_chunk, n_batch) a step).")
+    prefix_sharing: bool = Field(True, description="Compute a prompt prefix that several "
+                                 "sequences share once: a request whose leading tokens "
+                                 "another sequence holds (or is computing) copies those KV "
+                                 "cells instead of recomputing them.")
     use_mmap: bool = Field(True, description="Map the file instead of reading it.")
     use_mlock: bool = Field(False, description="Lock the weights in RAM.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the "
@@ -208,7 +212,8 @@ class LlamaBackend(Backend):
             return {}
         return {"kv_cells_used": sum(len(slot.cached) for slot in engine.slots),
                 "kv_cells_total": engine.context_length * engine.max_sequences,
-                "prefix_reused_tokens": engine.reused_tokens}
+                "prefix_reused_tokens": engine.reused_tokens,
+                "prefix_copies": engine.copies}
 
     def batch_engine(self) -> BatchEngine:
         """The continuous-batching engine (one context of `parallel` sequences)."""
@@ -217,7 +222,8 @@ class LlamaBackend(Backend):
 
             p = self._params
             self._engine = LlamaBatchEngine(self, p.parallel, p.prompt_chunk, p.n_batch,
-                                            p.flash_attn, p.n_threads, p.n_threads_batch)
+                                            p.flash_attn, p.n_threads, p.n_threads_batch,
+                                            p.prefix_sharing)
         return self._engine
 
     def piece(self, token: int) -> bytes:

@@ -83,6 +83,7 @@ def gil_holding(lib: Any, names: tuple[str, ...]) -> Any:
 class Sequence:
     key: int
     prompt: int  # prompt tokens
+    tokens: list[int]  # the whole prompt, matched against other sequences' cells
     max_tokens: int
     sampler: Any  # the request's sampler chain; None: greedy, picked by the step's argmax
     stops: StopMatcher
@@ -94,6 +95,9 @@ class Sequence:
     output: int = -1  # its index among the step's output rows (llama_get_logits order)
     early: list[Chunk] = field(default_factory=list)  # chunks to send at the next step
     sample: Any = None  # llama_sampler_sample: GIL-releasing with a grammar (ms per token)
+    cached: int = 0  # prompt tokens whose cells were reused or copied, not computed
+    donor: Sequence | None = None  # the sequence computing this one's prefix: wait for it
+    wait_for: int = 0  # ... until its cells hold this many of our prompt's tokens
 
 
 @dataclass
@@ -101,6 +105,7 @@ class Slot:
     id: int
     cached: list[int] = field(default_factory=list)  # tokens whose cells the KV cache holds
     seq: Sequence | None = None
+    used: int = 0  # the engine's admission count when a sequence last took or left it (LRU)
 
 
 class LlamaBatchEngine(BatchEngine):
@@ -110,7 +115,7 @@ class LlamaBatchEngine(BatchEngine):
 
     def __init__(self, backend: LlamaBackend, parallel: int, prompt_chunk: int,
                  prompt_batch: int, flash_attn: bool | str, n_threads: int | None,
-                 n_threads_batch: int | None) -> None:
+                 n_threads_batch: int | None, share_prefixes: bool = True) -> None:
         import llama_cpp as lib
 
         self._lib = lib
@@ -151,8 +156,12 @@ class LlamaBatchEngine(BatchEngine):
         self.slots = [Slot(i) for i in range(parallel)]
         self._running: list[Slot] = []  # slots with a sequence, in id order (_index_running)
         self._by_key: dict[int, Slot] = {}
-        self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache
+        self.share_prefixes = share_prefixes
+        self.reused_tokens = 0  # prompt tokens whose cells came from a slot's cache or a copy
+        self.copies = 0  # prompt prefixes copied from another sequence instead of computed
+        self.computed_tokens = 0  # prompt tokens decoded
         self.moves = 0  # sequences moved to close a gap in the running ids
+        self._admissions = 0  # clock of the slots' last use
         self.move_steps = self._steps_to_repay_a_move(backend.model_pointer)
 
     def _steps_to_repay_a_move(self, model: Any) -> int:
@@ -178,24 +187,31 @@ class LlamaBatchEngine(BatchEngine):
             raise ContextLengthExceeded(
                 prompt_tokens=len(tokens), max_tokens=max(max_tokens, 1),
                 context_length=self.context_length, sequences=self.max_sequences)
+        greedy = params.temperature <= 0 and grammar is None and not _penalised(params)
+        sampler = None if greedy else self._sampler(params, grammar)
         slot, shared = self._pick_slot(tokens)
         reuse = min(shared, len(tokens) - 1)
         self._quick.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
         self.reused_tokens += reuse
-        greedy = params.temperature <= 0 and grammar is None and not _penalised(params)
-        seq = Sequence(key=key, prompt=len(tokens), max_tokens=max_tokens,
-                       sampler=None if greedy else self._sampler(params, grammar),
-                       stops=StopMatcher(params.stop),
-                       logprobs=params.logprobs, todo=tokens[reuse:],
+        seq = Sequence(key=key, prompt=len(tokens), tokens=tokens, max_tokens=max_tokens,
+                       sampler=sampler, stops=StopMatcher(params.stop),
+                       logprobs=params.logprobs, todo=tokens[reuse:], cached=reuse,
                        sample=self._lib.llama_sampler_sample if grammar is not None
                        else self._quick.llama_sampler_sample)
         if params.echo and request.prompt:
             seq.early.append(Chunk(text=request.prompt))
         slot.seq = seq
+        self._touch(slot)
         self._by_key[key] = slot
         self._index_running()
+        if self.share_prefixes:
+            self._share(slot, seq)
         return Chunk(prompt_tokens=len(tokens))
+
+    def _touch(self, slot: Slot) -> None:
+        self._admissions += 1
+        slot.used = self._admissions
 
     def _index_running(self) -> None:
         """Rebuild (never mutate: `step` may be iterating it) the id-ordered running slots."""
@@ -216,16 +232,78 @@ class LlamaBatchEngine(BatchEngine):
         return chosen[1], chosen[0]
 
     def _adjacent_free(self) -> Slot:
-        """The lowest free slot in a gap of the running ids, else the one just below them,
-        else just above; the lowest free slot when none runs."""
+        """Of the free slots that keep the running ids consecutive (one in a gap, else just
+        below or just above them; any when none runs), the least recently used: its cached
+        prefix is the one least likely to be asked for again."""
         running = self._running
         if not running:
-            return next(slot for slot in self.slots if slot.seq is None)
-        low, high = running[0].id, running[-1].id
-        gap = next((s for s in self.slots[low:high] if s.seq is None), None)
-        if gap is not None:
-            return gap
-        return self.slots[low - 1] if low > 0 else self.slots[high + 1]
+            near = [slot for slot in self.slots if slot.seq is None]
+        else:
+            low, high = running[0].id, running[-1].id
+            near = [s for s in self.slots[low:high] if s.seq is None]
+            if not near:
+                near = [self.slots[i] for i in (low - 1, high + 1)
+                        if 0 <= i < len(self.slots)]
+        return min(near, key=lambda slot: (slot.used, slot.id))
+
+    # -- shared prefixes -------------------------------------------------------------------
+
+    def _share(self, slot: Slot, seq: Sequence) -> None:
+        """Give a sequence that has yet to compute its prompt the cells of its leading tokens
+        that another slot holds (a running sequence, or a finished one's cache): copied when
+        they are at least REUSE_MIN more than its own slot holds. When a sequence still in
+        prefill will hold REUSE_MIN more than that, wait for it instead (`donor`): the first
+        of many requests with a common prefix computes it, the others then copy it and
+        compute only their own tails."""
+        seq.donor = None
+        have = len(slot.cached)
+        limit = seq.prompt - 1  # the last prompt token is always fed: its logits are sampled
+        now, source = have, None
+        later, donor = have, None
+        for other in self.slots:
+            if other is slot:
+                continue
+            done = min(_common_prefix(other.cached, seq.tokens), limit)
+            if done > now:
+                now, source = done, other
+            feeding = other.seq
+            if feeding is not None and feeding.todo and not feeding.count \
+                    and feeding.donor is None:
+                planned = min(_common_prefix(feeding.tokens, seq.tokens), limit)
+                if planned > later:
+                    later, donor = planned, feeding
+        if donor is not None and later - now >= REUSE_MIN:
+            seq.donor, seq.wait_for = donor, later
+        elif source is not None and now - have >= REUSE_MIN:
+            self._copy(source, slot, seq, now)
+
+    def _copy(self, source: Slot, slot: Slot, seq: Sequence, n: int) -> None:
+        """Give `slot` the first n cells of `source`. Across KV streams llama.cpp copies a
+        whole stream, at the next decode before that step's batch is placed (so the source
+        may take new tokens in the same step); the cells past n are dropped at once."""
+        self._lib.llama_memory_seq_cp(self._mem, source.id, slot.id, -1, -1)
+        self._quick.llama_memory_seq_rm(self._mem, slot.id, n, -1)
+        self.reused_tokens += n - len(slot.cached)
+        self.copies += 1
+        slot.cached = source.cached[:n]
+        seq.todo = seq.tokens[n:]
+        seq.cached = n
+        if source.seq is None:
+            self._touch(source)
+
+    def _resolve_waiting(self, running: list[Slot]) -> None:
+        """Sequences waiting for a donor: copy once it holds the prefix (or find another
+        source, or compute themselves, when it went away)."""
+        for slot in running:
+            seq = slot.seq
+            donor = seq.donor if seq is not None else None
+            if seq is None or donor is None:
+                continue
+            at = self._by_key.get(donor.key)
+            if at is not None and at.seq is donor and donor.todo and not donor.count \
+                    and len(at.cached) < seq.wait_for:
+                continue  # still computing our prefix
+            self._share(slot, seq)
 
     def _compact(self) -> None:
         """Make the running ids consecutive again after sequences finished out of order:
@@ -293,6 +371,8 @@ class LlamaBatchEngine(BatchEngine):
         out: list[tuple[int, Chunk | Any]] = []
         self._compact()
         running = self._running  # admit/retire build a new list: safe to iterate
+        if self.share_prefixes:
+            self._resolve_waiting(running)
         for slot in running:
             seq = slot.seq
             assert seq is not None
@@ -355,11 +435,15 @@ class LlamaBatchEngine(BatchEngine):
                 outputs_n += 1
                 n += 1
                 continue
+            if seq.donor is not None:  # waits for another sequence's prefix
+                seq.row = -1
+                continue
             if budget < 0:
                 generating = any(s.seq is not None and s.seq.count for s in running)
                 budget = self.prompt_chunk if generating else self._batch_size
             take = min(len(seq.todo), budget)
             budget -= take
+            self.computed_tokens += take
             seq.row = -1
             for token in seq.todo[:take]:
                 tokens[n] = token
@@ -416,8 +500,9 @@ class LlamaBatchEngine(BatchEngine):
             if tail := tail + seq.stops.flush():
                 out.append((seq.key, Chunk(text=tail)))
         out.append((seq.key, Chunk(finish_reason=finish, prompt_tokens=seq.prompt,
-                                   completion_tokens=seq.count)))
+                                   completion_tokens=seq.count, cached_tokens=seq.cached)))
         self._free(slot, keep_cache=True)
+        self._touch(slot)
 
     def cancel(self, key: int) -> None:
         slot = self._by_key.get(key)
@@ -437,6 +522,13 @@ class LlamaBatchEngine(BatchEngine):
             slot.cached.clear()
 
     # -- inspection and teardown -----------------------------------------------------------
+
+    def clear_cache(self) -> None:
+        """Forget every free slot's cached prefix (running sequences keep theirs)."""
+        for slot in self.slots:
+            if slot.seq is None and slot.cached:
+                self._quick.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+                slot.cached.clear()
 
     def kv_positions(self) -> list[tuple[int, int]]:
         """Per slot: (the KV cache's highest position of its sequence, cached tokens - 1);
@@ -460,9 +552,18 @@ def _penalised(params: Any) -> bool:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share: a binary search over slice comparisons
+    (each one a C loop), since prompts of thousands of tokens are matched on every
+    admission."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n - 1  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 

@@ -100,7 +100,8 @@ def item_out(item: Any) -> list[Any]:
     if isinstance(item, Chunk):
         return ["chunk", [item.text, item.finish_reason, item.prompt_tokens,
                           item.completion_tokens,
-                          [_logprob_out(lp) for lp in item.logprobs] or None]]
+                          [_logprob_out(lp) for lp in item.logprobs] or None,
+                          item.cached_tokens]]
     if isinstance(item, BaseException):
         return ["error", error_out(item)]
     if isinstance(item, Prepared):
@@ -115,9 +116,9 @@ def item_out(item: Any) -> list[Any]:
 
 def item_in(kind: str, payload: Any) -> Any:
     if kind == "chunk":
-        text, finish, prompt, completion, logprobs = payload
+        text, finish, prompt, completion, logprobs, *rest = payload  # rest: a newer field
         return Chunk(text, finish, prompt, completion,
-                     tuple(_logprob_in(lp) for lp in logprobs or ()))
+                     tuple(_logprob_in(lp) for lp in logprobs or ()), rest[0] if rest else None)
     if kind == "end":
         return END
     if kind == "error":

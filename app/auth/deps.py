@@ -155,8 +155,9 @@ AdminDep = Annotated[KeyInfo, Depends(require_admin)]
 async def metered(request: Request, key: CountedKeyDep) -> AsyncIterator[Meter]:
     """The request's meter. A request that fails records its status here; a meter the work
     never settled (a stream the client left before it began) is settled after the response."""
+    settings = request.app.state.settings
     meter = Meter(get_accounts(request), key, request.url.path, request.app.state.metrics,
-                  request.app.state.settings.server.log_prompts)
+                  settings.server.log_prompts, settings.auth.charge_cached_prompt_tokens)
     try:
         yield meter
     except BaseException as exc:

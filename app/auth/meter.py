@@ -79,8 +79,10 @@ class Meter:
     """One HTTP request's accounting: the caller's key and the tickets of its work."""
 
     def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str,
-                 metrics: Metrics | None = None, log_prompts: bool = False) -> None:
+                 metrics: Metrics | None = None, log_prompts: bool = False,
+                 charge_cached: bool = True) -> None:
         self.accounts = accounts
+        self.charge_cached = charge_cached  # auth.charge_cached_prompt_tokens
         self.key = key
         self.endpoint = endpoint
         self.metrics = metrics
@@ -139,6 +141,7 @@ class Ticket:
         self.words = words
         self.reserved = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens: reused KV cells
         self.completion_tokens: int | None = None
         self.pieces = 0
         self.running = False  # the backend accepted the work
@@ -216,6 +219,8 @@ class Ticket:
         """Note a chunk of the stream: token counts when the backend reports them."""
         if chunk.prompt_tokens is not None:
             self.prompt_tokens = chunk.prompt_tokens
+        if chunk.cached_tokens is not None:
+            self.cached_tokens = chunk.cached_tokens
         if chunk.completion_tokens is not None:
             self.completion_tokens = chunk.completion_tokens
         elif chunk.text:
@@ -224,11 +229,21 @@ class Ticket:
             self.clock.piece()
 
     @property
+    def charged_prompt_tokens(self) -> int:
+        """The prompt tokens this work is charged: all of them, or (with
+        auth.charge_cached_prompt_tokens false) those that were computed."""
+        if not self.running:
+            return 0
+        if self.meter.charge_cached:
+            return self.prompt_tokens
+        return max(0, self.prompt_tokens - self.cached_tokens)
+
+    @property
     def used_tokens(self) -> int:
         if not self.running:
             return 0
         completion = self.pieces if self.completion_tokens is None else self.completion_tokens
-        return self.prompt_tokens + completion
+        return self.charged_prompt_tokens + completion
 
     async def settle(self, status: int) -> None:
         """Settle the reservation to the real count and record the work (once)."""
@@ -243,7 +258,7 @@ class Ticket:
     async def _settle(self, status: int) -> None:
         key, accounts = self.meter.key, self.meter.accounts
         used = self.used_tokens
-        prompt = self.prompt_tokens if self.running else 0
+        prompt = self.charged_prompt_tokens
         usage = Usage(
             key_id=key.id if key else None, model=self.model, endpoint=self.meter.endpoint,
             status=status, prompt_tokens=prompt, completion_tokens=used - prompt,

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from tests.auth.conftest import ADMIN, bearer, create_key, key_info, models_config
+from tests.auth.conftest import ADMIN, ADMIN_KEY, bearer, create_key, key_info, models_config
 from tests.conftest import parse_sse
 
 CHAT = [{"role": "user", "content": "tell me a story"}]
@@ -89,3 +89,43 @@ def test_clamped_queue_job_is_one_request(auth_server: Any,
     assert (totals["requests"], totals["errors"]) == (1, 0)
     assert 0 < totals["completion_tokens"] <= room
     assert info["used_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"]
+
+
+LONG_CHAT = [{"role": "system", "content": "You answer questions about the shop's opening "
+              "hours, repairs and rentals, in two sentences at most, politely. " * 3},
+             {"role": "user", "content": "When do you open on Saturday?"}]
+
+
+def _two_chats(server: Any, secret: str) -> list[dict[str, int]]:
+    """The same long chat twice: the second reuses the first's cached prompt cells."""
+    usages = []
+    for _ in range(2):
+        answer = server.client.post("/v1/chat/completions", headers=bearer(secret), json={
+            "model": "tiny", "messages": LONG_CHAT, "max_tokens": 4, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        usages.append(answer.json()["usage"])
+    return usages
+
+
+def test_cached_prompt_tokens_are_reported_and_charged_in_full_by_default(
+        auth_server: Any) -> None:
+    server = auth_server()
+    key_id, secret = create_key(server.client, max_tokens=100_000)
+    first, second = _two_chats(server, secret)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] - 1
+    info = key_info(server.client, key_id)
+    assert info["used_tokens"] == first["total_tokens"] + second["total_tokens"]
+
+
+def test_cached_prompt_tokens_are_free_when_so_configured(auth_server: Any) -> None:
+    server = auth_server(auth={"enabled": True, "admin_key": ADMIN_KEY,
+                               "charge_cached_prompt_tokens": False})
+    key_id, secret = create_key(server.client, max_tokens=100_000)
+    first, second = _two_chats(server, secret)
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 20
+    info = key_info(server.client, key_id)
+    assert info["used_tokens"] == first["total_tokens"] + second["total_tokens"] - cached
+    totals = usage_totals(server, key_id)
+    assert totals["prompt_tokens"] == first["prompt_tokens"] + second["prompt_tokens"] - cached
