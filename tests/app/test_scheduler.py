@@ -73,7 +73,8 @@ def test_queue_full_gives_503_with_retry_after(live_server: Any) -> None:
     rejected = client.post("/generate", json={"prompt": "hi"})
     assert_error(rejected, 503, "queue_full", ("max_queue=1",))
     assert int(rejected.headers["Retry-After"]) >= 1
-    assert_error(client.post("/embeddings", json={"text": "hi"}), 503, "queue_full")
+    # embeddings have a bound of their own, in texts (engine.scheduler): one is served
+    assert client.post("/embeddings", json={"text": "hi"}).status_code == 200
     running.__exit__(None, None, None)  # free the engine: the queued request now runs
     waiting.join(60)
     assert result[0].status_code == 200 and isinstance(result[0].json(), str)
