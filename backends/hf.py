@@ -40,6 +40,7 @@ from backends.text import chat_template_refusals
 
 if TYPE_CHECKING:
     from backends.hf_grammar import GrammarCompiler, GrammarMatcher
+    from backends.hfbatch import HFBatchEngine
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
@@ -70,6 +71,9 @@ class HFParams(ChatParams):
                                               "default: yes, or the embedding model's choice.")
     parallel: int = Field(4, ge=1, le=256, description="Requests decoded together in one "
                           "batch (continuous batching); 1 = one request at a time.")
+    prefix_sharing: bool = Field(True, description="With parallel > 1: a new prompt whose "
+                                 "leading tokens a running request holds copies their keys "
+                                 "and values instead of computing them.")
 
 
 class HFBackend(Backend):
@@ -89,6 +93,7 @@ class HFBackend(Backend):
 
         self._model = model
         self._tokenizer = tokenizer
+        self._engine: HFBatchEngine | None = None
         # transformers switches the tokenizer's truncation and padding off on its first call
         # if the files set them (a mutation of the Rust tokenizer, which raises "Already
         # borrowed" if another thread is encoding then): make that call here, before any
@@ -338,8 +343,14 @@ class HFBackend(Backend):
             log.info("model %s: its KV cache cannot be batched; serving one request at a "
                      "time", type(self._model).__name__)
             return None
-        return HFBatchEngine(self._model, self._loop.eos_ids, self._decode, self._prepare,
-                             self._params.parallel, keep_one)
+        self._engine = HFBatchEngine(self._model, self._loop.eos_ids, self._decode,
+                                     self._prepare, self._params.parallel, keep_one,
+                                     self._params.prefix_sharing)
+        return self._engine
+
+    def engine_stats(self) -> dict[str, int]:
+        engine = self._engine
+        return {} if engine is None else {"prefix_reused_tokens": engine.reused_tokens}
 
     # -- embeddings ------------------------------------------------------------------------
 
@@ -360,7 +371,7 @@ class HFBackend(Backend):
                                pad if isinstance(pad, int) else 0)
 
     def close(self) -> None:
-        self._model = self._tokenizer = self._loop = self._grammars = None
+        self._model = self._tokenizer = self._loop = self._grammars = self._engine = None
         gc.collect()
         import torch
 

@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 from backends.base import BatchEngine, Chunk, GenerationParams, GenerationRequest
 from backends.errors import BackendFailure, LLMAPIError
 from backends.hfgen import generation_config, logits_processors
-from backends.text import StopMatcher, TokenTextStream
+from backends.text import StopMatcher, TokenTextStream, common_prefix
 
 if TYPE_CHECKING:
     from backends.hf_grammar import GrammarMatcher
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 #: Prompt tokens prefilled per step (at least one whole prompt): a burst of long prompts
 #: must not stall the running streams for many prompts' worth of compute at once.
 PREFILL_BUDGET = 512
+
+#: Leading prompt tokens a running sequence must share with a new prompt for its keys and
+#: values to be copied instead of computed (as in the llama family's engine).
+SHARE_MIN = 32
 
 #: The backend's readying of a request: prompt ids, token budget, grammar matcher or None.
 Prepare = Callable[[GenerationRequest], tuple[list[int], int, "GrammarMatcher | None"]]
@@ -67,6 +71,7 @@ class Sequence:
     pending: list[Chunk] = field(default_factory=list)  # emitted at the next step (echo)
     next_token: int = -1  # sampled, not yet in the cache
     position: int = 0  # tokens of this sequence in the cache
+    cached: int = 0  # prompt tokens whose keys and values were copied, not computed
 
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's row of logits (shape [vocab])."""
@@ -109,7 +114,7 @@ class Sequence:
 
     def _finish(self, chunks: list[Chunk], reason: str) -> list[Chunk]:
         return [*chunks, Chunk(finish_reason=reason, prompt_tokens=len(self.prompt),
-                               completion_tokens=len(self.generated))]
+                               completion_tokens=len(self.generated), cached_tokens=self.cached)]
 
 
 def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -124,13 +129,16 @@ class HFBatchEngine(BatchEngine):
     """Decodes up to `max_sequences` sequences of one causal LM together."""
 
     def __init__(self, model: Any, eos_ids: set[int], decode: Callable[[list[int]], str],
-                 prepare: Prepare, max_sequences: int, keep_one: bool) -> None:
+                 prepare: Prepare, max_sequences: int, keep_one: bool,
+                 share_prefixes: bool = True) -> None:
         self.model = model
         self.eos_ids = eos_ids
         self.max_sequences = max_sequences
         self._decode = decode
         self._prepare = prepare
         self._keep_one = keep_one  # the forward takes logits_to_keep
+        self.share_prefixes = share_prefixes
+        self.reused_tokens = 0  # prompt tokens copied from a running sequence's cache
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # row i of the cache and the mask
         self._cache: Any = None
@@ -245,9 +253,20 @@ class HFBatchEngine(BatchEngine):
             return
         device = self.model.device
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_one else {}
+        shared, past = self._shared_prefix(sequence.prompt) if self.share_prefixes else (0, None)
         try:
-            result = self.model(input_ids=torch.tensor([sequence.prompt], device=device),
-                                use_cache=True, **kwargs)
+            if past is not None:
+                tail = sequence.prompt[shared:]
+                result = self.model(
+                    input_ids=torch.tensor([tail], device=device), past_key_values=past,
+                    position_ids=torch.arange(shared, len(sequence.prompt),
+                                              device=device).unsqueeze(0),
+                    use_cache=True, **kwargs)
+                sequence.cached = shared
+                self.reused_tokens += shared
+            else:
+                result = self.model(input_ids=torch.tensor([sequence.prompt], device=device),
+                                    use_cache=True, **kwargs)
         except Exception:  # noqa: BLE001 - this prompt fails, the others go on
             log.exception("prefill failed for sequence %s", sequence.key)
             out.append((sequence.key, BackendFailure()))
@@ -257,6 +276,25 @@ class HFBatchEngine(BatchEngine):
             self._join(sequence, result.past_key_values)
 
     # -- the batched cache -----------------------------------------------------------------
+
+    def _shared_prefix(self, prompt: list[int]) -> tuple[int, Any]:
+        """The longest run of leading tokens a running sequence shares with `prompt` (at
+        least SHARE_MIN; the last prompt token is always computed, for its logits), and a
+        one-row cache of that sequence's keys and values for them; (0, None) when none."""
+        best, row = 0, -1
+        for i, other in enumerate(self._running):
+            known = other.prompt + other.generated  # what its cache holds, in order
+            n = common_prefix(known[:other.position], prompt[:-1])
+            if n > best:
+                best, row = n, i
+        if best < SHARE_MIN or self._mask is None:
+            return 0, None
+        start = self._mask.shape[1] - int(self._mask[row].sum())  # its first real column
+        past = DynamicCache()
+        for index, layer in enumerate(self._cache.layers):
+            past.update(layer.keys[row:row + 1, :, start:start + best].clone(),
+                        layer.values[row:row + 1, :, start:start + best].clone(), index)
+        return best, past
 
     def _join(self, sequence: Sequence, cache: Any) -> None:
         """Add a prefilled sequence's cache as the batch's last row."""
@@ -288,3 +326,4 @@ class HFBatchEngine(BatchEngine):
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, start:, :]
             layer.values = layer.values[index, :, start:, :]
+

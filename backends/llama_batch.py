@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from backends.base import BatchEngine, Chunk, GenerationRequest, TokenLogprob
 from backends.errors import BackendFailure, ContextLengthExceeded, ModelLoadError
 from backends.grammar import grammar_for, grammar_sampler
-from backends.text import StopMatcher, Utf8Stream
+from backends.text import StopMatcher, Utf8Stream, common_prefix
 
 if TYPE_CHECKING:
     from backends.llama import LlamaBackend
@@ -224,7 +224,7 @@ class LlamaBatchEngine(BatchEngine):
         while a short shared prefix saves a few prompt tokens once. Returns the slot and how
         many leading tokens its cache shares with the prompt."""
         near = self._adjacent_free()
-        shared = [(_common_prefix(slot.cached, tokens), slot) for slot in self.slots
+        shared = [(common_prefix(slot.cached, tokens), slot) for slot in self.slots
                   if slot.seq is None]
         baseline = next(pair for pair in shared if pair[1] is near)
         best = max(shared, key=lambda pair: (pair[0], -pair[1].id))
@@ -263,13 +263,13 @@ class LlamaBatchEngine(BatchEngine):
         for other in self.slots:
             if other is slot:
                 continue
-            done = min(_common_prefix(other.cached, seq.tokens), limit)
+            done = min(common_prefix(other.cached, seq.tokens), limit)
             if done > now:
                 now, source = done, other
             feeding = other.seq
             if feeding is not None and feeding.todo and not feeding.count \
                     and feeding.donor is None:
-                planned = min(_common_prefix(feeding.tokens, seq.tokens), limit)
+                planned = min(common_prefix(feeding.tokens, seq.tokens), limit)
                 if planned > later:
                     later, donor = planned, feeding
         if donor is not None and later - now >= REUSE_MIN:
@@ -549,21 +549,3 @@ class LlamaBatchEngine(BatchEngine):
 def _penalised(params: Any) -> bool:
     return bool(params.repeat_penalty != 1.0 or params.presence_penalty
                 or params.frequency_penalty)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two lists share: a binary search over slice comparisons
-    (each one a C loop), since prompts of thousands of tokens are matched on every
-    admission."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n - 1  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1]
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-

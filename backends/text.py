@@ -103,3 +103,21 @@ def chat_template_refusals() -> Iterator[None]:
     except (TemplateError, ValueError, TypeError) as exc:
         raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
                              param="messages") from None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share: a binary search over slice comparisons
+    (each one a C loop), since prompts of thousands of tokens are matched on every
+    admission."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n - 1  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+

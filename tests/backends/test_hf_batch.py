@@ -87,6 +87,29 @@ def test_batched_greedy_and_seeded_text_equals_the_serial_path(
         assert run_all(engine, [request(PROMPTS[1], **params)])[0][0] == done[1][0]
 
 
+def test_a_prefix_a_running_sequence_holds_is_copied_and_gives_the_serial_text(
+        backend: HFBackend, engine: HFBatchEngine) -> None:
+    context = ("You are the support assistant of a bicycle shop in Lyon; answer briefly. "
+               "The shop opens at nine and closes at seven, except on Sundays. ") * 2
+    prompts = [context + q for q in ("When do you open?", "Do you rent bikes?",
+                                     "Qui êtes-vous ?")]
+    before = engine.reused_tokens
+    done = run_all(engine, [request(p, **GREEDY) for p in prompts])
+    context_tokens = len(backend.tokenize(context))
+    assert engine.reused_tokens - before >= 2 * (context_tokens - 2)
+    cached = sorted(end.cached_tokens for _, end in done.values())
+    assert cached[0] == 0 and cached[1] >= context_tokens - 2
+    for key, prompt in enumerate(prompts):
+        assert done[key][0] == serial(backend, prompt, **GREEDY)
+    engine.share_prefixes = False
+    try:
+        unshared = run_all(engine, [request(p, **GREEDY) for p in prompts])
+        assert [unshared[k][0] for k in range(3)] == [done[k][0] for k in range(3)]
+        assert all(end.cached_tokens == 0 for _, end in unshared.values())
+    finally:
+        engine.share_prefixes = True
+
+
 def test_stops_max_tokens_and_echo_are_per_sequence(backend: HFBackend,
                                                      engine: HFBatchEngine) -> None:
     whole = serial(backend, "The quick brown fox", **GREEDY)
