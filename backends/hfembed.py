@@ -82,22 +82,40 @@ BATCH_TEXTS = 64
 #: Padded tokens per forward pass at most: long texts go fewer at a time, so a batch's
 #: activations (and attention scores, batch x heads x length^2) stay small.
 BATCH_TOKENS = 16_384
+#: What one more forward pass costs besides its tokens, in padded tokens' worth (the fixed
+#: cost of running the layers once on a CPU, measured roughly on MiniLM and tiny Llamas).
+PASS_COST_TOKENS = 32
 
 
 def batches(lengths: list[int], max_texts: int = BATCH_TEXTS,
             max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
-    """Indices of the sequences in forward-pass batches: longest first (as
-    sentence-transformers sorts), so each batch pads to about its own length; a batch holds
-    at most `max_texts` sequences and `max_tokens` padded tokens (at least one sequence)."""
+    """Indices of the sequences in forward-pass batches, longest first (as
+    sentence-transformers sorts), so each batch pads to about its own length.
+
+    Where to cut the sorted list is chosen to spend the fewest padded tokens plus
+    PASS_COST_TOKENS per pass: a request of 100 texts is not cut blindly at 64 (which pads
+    the 64 longest to the very longest) but where the lengths step down. A batch holds at
+    most `max_texts` sequences and `max_tokens` padded tokens (at least one sequence)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    longest = [max(1, lengths[i]) for i in order]
+    n = len(order)
+    best = [0] + [0] * n  # best[j]: the cheapest cost of the first j sequences
+    cut = [0] * (n + 1)  # where the last batch of that starts
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1] + longest[j - 1] + PASS_COST_TOKENS, j - 1
+        for i in range(j - 2, max(0, j - max_texts) - 1, -1):
+            padded = (j - i) * longest[i]
+            if padded > max_tokens:
+                break  # a longer batch only pads more
+            cost = best[i] + padded + PASS_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     out: list[list[int]] = []
-    for i in order:
-        if out and len(out[-1]) < max_texts \
-                and lengths[out[-1][0]] * (len(out[-1]) + 1) <= max_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
+    j = n
+    while j > 0:
+        out.append(order[cut[j]:j])
+        j = cut[j]
+    return out[::-1]
 
 
 def embed_sequences(encoder: Any, sequences: list[list[int]], pooling: Pooling,

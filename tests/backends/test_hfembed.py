@@ -21,13 +21,22 @@ TEXTS = ["A man is eating food.", "short", "The new movie is awesome, really " *
 
 
 def test_batches_sort_by_length_and_bound_texts_and_tokens() -> None:
-    lengths = [3, 10, 1, 7, 7, 2]
-    assert batches(lengths, max_texts=2, max_tokens=100) == [[1, 3], [4, 0], [5, 2]]
-    # padded tokens: the longest of a batch times its size
-    assert batches(lengths, max_texts=64, max_tokens=20) == [[1, 3], [4, 0], [5, 2]]
-    assert batches(lengths, max_texts=64, max_tokens=21) == [[1, 3], [4, 0, 5], [2]]
+    lengths = [3, 10, 1, 7, 7, 2, 9, 4]
+    for max_texts, max_tokens in ((2, 100), (64, 20), (3, 21), (64, 16_384)):
+        found = batches(lengths, max_texts=max_texts, max_tokens=max_tokens)
+        assert sorted(i for b in found for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in found for i in b]
+        assert flat == sorted(lengths, reverse=True)  # longest first, across batches too
+        for b in found:
+            assert len(b) <= max_texts and lengths[b[0]] * len(b) <= max_tokens
     assert batches([50], max_texts=4, max_tokens=10) == [[0]]  # one text always goes
     assert batches([]) == []
+
+
+def test_batches_cut_where_the_lengths_step_down() -> None:
+    """One long text is not the padded length of 63 short ones; equal lengths fill batches."""
+    assert [len(b) for b in batches([40] + [5] * 63)] == [1, 63]
+    assert sorted(len(b) for b in batches([12] * 130)) == [2, 64, 64]
 
 
 def one_at_a_time(backend: HFBackend, texts: list[str]) -> torch.Tensor:
