@@ -72,6 +72,8 @@ async def start_generation(model: EngineClient, request: GenerationRequest,
         _require(model, LOGPROBS, "logprobs")
     bound_chars(model, prompt_chars(request),
                 "messages" if request.messages is not None else "prompt")
+    if meter.cache_scope is not None:
+        request = replace(request, cache_scope=meter.cache_scope)
     prompt = PreparedPrompt(model, request, clamp)
 
     ticket = await meter.admit(model.name, prompt_words(request), prompt.reservation)

@@ -171,6 +171,11 @@ class AuthSettings(BaseModel):
                                    "failed_auth_window seconds; more get 429 with Retry-After.")
     failed_auth_window: float = Field(60.0, gt=0, description="Seconds over which failed "
                                       "authentications are counted per client address.")
+    prefix_cache_scope: Literal["key", "all"] = Field(
+        "key", description="Who shares cached prompt prefixes: `key` — only requests of the "
+        "same API key (a key cannot learn from cached_tokens or timing what another key's "
+        "prompts begin with); `all` — every request (more reuse between keys of one "
+        "application).")
     charge_cached_prompt_tokens: bool = Field(True, description="Charge prompt tokens "
                                               "whose KV cells were reused or shared (usage "
                                               "cached_tokens) against token quotas and tpm "

@@ -80,6 +80,9 @@ class GenerationRequest:
     # The prompt as the engine feeds it (template applied, tokenized), when the server
     # tokenized it off the engine thread; None: the backend tokenizes it itself.
     prompt_ids: tuple[int, ...] | None = None
+    # Sequences share cached prompt prefixes only within one scope (by default the API key:
+    # a key must not learn from cached_tokens or timing what another key's prompts say).
+    cache_scope: str | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class Sequence:
     next_token: int = -1  # sampled, not yet in the cache
     position: int = 0  # tokens of this sequence in the cache
     cached: int = 0  # prompt tokens whose keys and values were copied, not computed
+    scope: str | None = None  # GenerationRequest.cache_scope: shares only within it
 
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's row of logits (shape [vocab])."""
@@ -168,7 +169,8 @@ class HFBatchEngine(BatchEngine):
                             config=config,
                             processors=logits_processors(config, params, len(prompt)),
                             generator=generator, text=TokenTextStream(self._decode, prompt),
-                            stops=StopMatcher(params.stop), grammar=grammar)
+                            stops=StopMatcher(params.stop), grammar=grammar,
+                            scope=request.cache_scope)
         if params.echo and request.prompt:
             sequence.pending.append(Chunk(text=request.prompt))
         self._waiting.append(sequence)
@@ -253,7 +255,7 @@ class HFBatchEngine(BatchEngine):
             return
         device = self.model.device
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_one else {}
-        shared, past = self._shared_prefix(sequence.prompt) if self.share_prefixes else (0, None)
+        shared, past = self._shared_prefix(sequence) if self.share_prefixes else (0, None)
         try:
             if past is not None:
                 tail = sequence.prompt[shared:]
@@ -277,12 +279,16 @@ class HFBatchEngine(BatchEngine):
 
     # -- the batched cache -----------------------------------------------------------------
 
-    def _shared_prefix(self, prompt: list[int]) -> tuple[int, Any]:
-        """The longest run of leading tokens a running sequence shares with `prompt` (at
-        least SHARE_MIN; the last prompt token is always computed, for its logits), and a
-        one-row cache of that sequence's keys and values for them; (0, None) when none."""
+    def _shared_prefix(self, sequence: Sequence) -> tuple[int, Any]:
+        """The longest run of leading tokens a running sequence of the same cache scope
+        shares with the new one's prompt (at least SHARE_MIN; the last prompt token is always
+        computed, for its logits), and a one-row cache of that sequence's keys and values
+        for them; (0, None) when none."""
+        prompt = sequence.prompt
         best, row = 0, -1
         for i, other in enumerate(self._running):
+            if other.scope != sequence.scope:
+                continue
             known = other.prompt + other.generated  # what its cache holds, in order
             n = common_prefix(known[:other.position], prompt[:-1])
             if n > best:

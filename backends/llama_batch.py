@@ -98,6 +98,7 @@ class Sequence:
     cached: int = 0  # prompt tokens whose cells were reused or copied, not computed
     donor: Sequence | None = None  # the sequence computing this one's prefix: wait for it
     wait_for: int = 0  # ... until its cells hold this many of our prompt's tokens
+    scope: str | None = None  # GenerationRequest.cache_scope: shares cells only within it
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose cells the KV cache holds
     seq: Sequence | None = None
     used: int = 0  # the engine's admission count when a sequence last took or left it (LRU)
+    scope: str | None = None  # the cache_scope of the sequence whose cells it holds
 
 
 class LlamaBatchEngine(BatchEngine):
@@ -189,7 +191,7 @@ class LlamaBatchEngine(BatchEngine):
                 context_length=self.context_length, sequences=self.max_sequences)
         greedy = params.temperature <= 0 and grammar is None and not _penalised(params)
         sampler = None if greedy else self._sampler(params, grammar)
-        slot, shared = self._pick_slot(tokens)
+        slot, shared = self._pick_slot(tokens, request.cache_scope)
         reuse = min(shared, len(tokens) - 1)
         self._quick.llama_memory_seq_rm(self._mem, slot.id, reuse, -1)
         del slot.cached[reuse:]
@@ -197,11 +199,12 @@ class LlamaBatchEngine(BatchEngine):
         seq = Sequence(key=key, prompt=len(tokens), tokens=tokens, max_tokens=max_tokens,
                        sampler=sampler, stops=StopMatcher(params.stop),
                        logprobs=params.logprobs, todo=tokens[reuse:], cached=reuse,
+                       scope=request.cache_scope,
                        sample=self._lib.llama_sampler_sample if grammar is not None
                        else self._quick.llama_sampler_sample)
         if params.echo and request.prompt:
             seq.early.append(Chunk(text=request.prompt))
-        slot.seq = seq
+        slot.seq, slot.scope = seq, seq.scope
         self._touch(slot)
         self._by_key[key] = slot
         self._index_running()
@@ -217,15 +220,15 @@ class LlamaBatchEngine(BatchEngine):
         """Rebuild (never mutate: `step` may be iterating it) the id-ordered running slots."""
         self._running = [s for s in self.slots if s.seq is not None]
 
-    def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
+    def _pick_slot(self, tokens: list[int], scope: str | None) -> tuple[Slot, int]:
         """The free slot that keeps the running ids consecutive (`_adjacent_free`), unless
         another free one's cache shares at least REUSE_MIN more leading tokens with the
         prompt: a gap costs every step of every stream (or a move of a whole KV stream),
         while a short shared prefix saves a few prompt tokens once. Returns the slot and how
         many leading tokens its cache shares with the prompt."""
         near = self._adjacent_free()
-        shared = [(common_prefix(slot.cached, tokens), slot) for slot in self.slots
-                  if slot.seq is None]
+        shared = [(common_prefix(slot.cached, tokens) if slot.scope == scope else 0, slot)
+                  for slot in self.slots if slot.seq is None]
         baseline = next(pair for pair in shared if pair[1] is near)
         best = max(shared, key=lambda pair: (pair[0], -pair[1].id))
         chosen = best if best[0] - baseline[0] >= REUSE_MIN else baseline
@@ -261,7 +264,7 @@ class LlamaBatchEngine(BatchEngine):
         now, source = have, None
         later, donor = have, None
         for other in self.slots:
-            if other is slot:
+            if other is slot or other.scope != seq.scope:
                 continue
             done = min(common_prefix(other.cached, seq.tokens), limit)
             if done > now:
@@ -329,6 +332,7 @@ class LlamaBatchEngine(BatchEngine):
             else:
                 self._quick.llama_memory_seq_rm(self._mem, dst.id, -1, -1)
             dst.cached, src.cached = src.cached, list(src.cached)
+            dst.scope = src.scope
             dst.seq, src.seq = seq, None
             self._by_key[seq.key] = dst
             self.moves += 1

@@ -41,7 +41,8 @@ def request_out(request: GenerationRequest) -> dict[str, Any]:
             "tools": list(request.tools) if request.tools else None,
             "template_kwargs": request.template_kwargs,
             "params": params,
-            "prompt_ids": list(request.prompt_ids) if request.prompt_ids is not None else None}
+            "prompt_ids": list(request.prompt_ids) if request.prompt_ids is not None else None,
+            "cache_scope": request.cache_scope}
 
 
 def request_in(data: dict[str, Any]) -> GenerationRequest:
@@ -57,7 +58,8 @@ def request_in(data: dict[str, Any]) -> GenerationRequest:
                              tools=tuple(tools) if tools else None,
                              template_kwargs=data.get("template_kwargs") or None,
                              params=GenerationParams(**params),
-                             prompt_ids=tuple(ids) if ids is not None else None)
+                             prompt_ids=tuple(ids) if ids is not None else None,
+                             cache_scope=data.get("cache_scope"))
 
 
 def job_out(job: Job, call: tuple[str, tuple[Any, ...]] | None, timeout: float) -> dict[str, Any]:

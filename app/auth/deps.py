@@ -157,7 +157,8 @@ async def metered(request: Request, key: CountedKeyDep) -> AsyncIterator[Meter]:
     never settled (a stream the client left before it began) is settled after the response."""
     settings = request.app.state.settings
     meter = Meter(get_accounts(request), key, request.url.path, request.app.state.metrics,
-                  settings.server.log_prompts, settings.auth.charge_cached_prompt_tokens)
+                  settings.server.log_prompts, settings.auth.charge_cached_prompt_tokens,
+                  settings.auth.prefix_cache_scope)
     try:
         yield meter
     except BaseException as exc:

@@ -80,9 +80,12 @@ class Meter:
 
     def __init__(self, accounts: Accounts, key: KeyInfo | None, endpoint: str,
                  metrics: Metrics | None = None, log_prompts: bool = False,
-                 charge_cached: bool = True) -> None:
+                 charge_cached: bool = True, cache_scope: str = "key") -> None:
         self.accounts = accounts
         self.charge_cached = charge_cached  # auth.charge_cached_prompt_tokens
+        # auth.prefix_cache_scope: the engines share cached prefixes within one scope
+        self.cache_scope = f"key:{key.id}" if key is not None and cache_scope == "key" \
+            else None
         self.key = key
         self.endpoint = endpoint
         self.metrics = metrics

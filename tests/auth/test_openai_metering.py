@@ -129,3 +129,34 @@ def test_cached_prompt_tokens_are_free_when_so_configured(auth_server: Any) -> N
     assert info["used_tokens"] == first["total_tokens"] + second["total_tokens"] - cached
     totals = usage_totals(server, key_id)
     assert totals["prompt_tokens"] == first["prompt_tokens"] + second["prompt_tokens"] - cached
+
+
+def _chat_usage(server: Any, secret: str) -> dict[str, Any]:
+    answer = server.client.post("/v1/chat/completions", headers=bearer(secret), json={
+        "model": "tiny", "messages": LONG_CHAT, "max_tokens": 4, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    usage: dict[str, Any] = answer.json()["usage"]
+    return usage
+
+
+def test_a_key_never_reuses_another_keys_cached_prompt_by_default(auth_server: Any) -> None:
+    """Otherwise cached_tokens (and the time to first token) would tell a key what another
+    key's prompts begin with."""
+    server = auth_server()
+    _, alice = create_key(server.client, max_tokens=100_000)
+    _, mallory = create_key(server.client, max_tokens=100_000)
+    assert _chat_usage(server, alice)["prompt_tokens_details"]["cached_tokens"] == 0
+    probe = _chat_usage(server, mallory)
+    assert probe["prompt_tokens_details"]["cached_tokens"] == 0
+    again = _chat_usage(server, alice)  # her own cache still serves her
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"] - 1
+
+
+def test_keys_share_cached_prompts_when_the_scope_is_all(auth_server: Any) -> None:
+    server = auth_server(auth={"enabled": True, "admin_key": ADMIN_KEY,
+                               "prefix_cache_scope": "all"})
+    _, alice = create_key(server.client, max_tokens=100_000)
+    _, bob = create_key(server.client, max_tokens=100_000)
+    _chat_usage(server, alice)
+    shared = _chat_usage(server, bob)
+    assert shared["prompt_tokens_details"]["cached_tokens"] == shared["prompt_tokens"] - 1

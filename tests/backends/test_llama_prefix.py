@@ -195,3 +195,21 @@ def test_a_finished_requests_cells_serve_the_next_request_with_that_context(
     context = len(engine._backend.tokenize(CONTEXT))
     prompt = len(engine._backend.tokenize(request.prompt or ""))
     assert engine.computed_tokens - computed <= prompt - context + 4
+
+
+def test_cells_are_shared_only_within_one_cache_scope(fresh: LlamaBatchEngine) -> None:
+    engine = fresh
+    prompt = CONTEXT + QUESTIONS[0]
+    long = GenerationParams(temperature=0, max_tokens=40)
+    engine.admit(0, GenerationRequest(prompt=prompt, params=long, cache_scope="key:1"))
+    while not (seq := engine._by_key[0].seq) or not seq.count:
+        engine.step()
+    copies, reused = engine.copies, engine.reused_tokens
+    engine.admit(1, GenerationRequest(prompt=prompt, params=GREEDY, cache_scope="key:2"))
+    engine.admit(2, GenerationRequest(prompt=prompt, params=GREEDY))  # no scope: auth off
+    assert (engine.copies, engine.reused_tokens) == (copies, reused)
+    assert all(engine._by_key[k].seq.donor is None for k in (1, 2))  # type: ignore[union-attr]
+    engine.admit(3, GenerationRequest(prompt=prompt, params=GREEDY, cache_scope="key:1"))
+    assert engine.copies == copies + 1
+    while engine.active():
+        engine.step()
