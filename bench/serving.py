@@ -3,9 +3,12 @@
     bench/build_llama_server.sh      # once: C++ llama-server into bench/.cache (minutes)
     bench/setup_bench_venv.sh        # once: llama-cpp-python[server] + matplotlib, bench venv
     .venv/bin/python bench/serving.py [--rounds 3] [--reps 3] [--quick] [--dry-run] [--skip-hf]
+        [--model bench|large-vocab]
 
 One run, the same random-weight ~91M-parameter Q8_0 GGUF (bench/randmodel.py, with BOS/EOS
-never sampled so every request runs to max_tokens), the same threads and per-sequence context,
+never sampled so every request runs to max_tokens; `--model large-vocab`: ~260M parameters
+with a 262,144-token vocabulary, where per-step costs that scale with the vocabulary show), the
+same threads and per-sequence context,
 greedy, unique prompts (a random prefix each). Each round starts every system, runs each case
 `--reps` times with the systems taking turns run by run (the order rotates from run to run and
 round to round; llama-cpp-python, several times slower, runs each case once a round) and stops
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from randmodel import build  # noqa: E402
+from randmodel import LARGE_VOCAB, build  # noqa: E402
 from serving_client import Stream, stream, together, unique_prefix  # noqa: E402
 from serving_hf import run_hf  # noqa: E402
 from serving_report import hf_table, llama_table, paired_table  # noqa: E402
@@ -243,6 +246,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "--quick 1")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--model", choices=sorted(MODELS), default="bench", help="the "
+                        "random GGUF: bench (~91M parameters, ~1k-token vocabulary) or "
+                        "large-vocab (~260M, 262,144 tokens: Gemma 3 270M's shape)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
     parser.add_argument("--parallel", type=int, default=8, help="llama-server slots and "
                         "llm-api model_params.parallel")
@@ -272,7 +278,8 @@ def header(args: argparse.Namespace, plan: Plan) -> str:
     parallel = (f"model_params.parallel={args.parallel}" if llama_knows_parallel() else
                 "serial (this llm-api has no model_params.parallel: one request at a time)")
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-            f"threads {args.threads}, per-sequence context {args.n_ctx}, medians of "
+            f"model {MODELS[args.model][0]}, threads {args.threads}, per-sequence context "
+            f"{args.n_ctx}, medians of "
             f"{args.rounds} alternating round(s) x {args.reps} interleaved run(s) "
             "(llama-cpp-python: 1 run a round) with (min–max); llama-server --parallel "
             f"{args.parallel}; llm-api {parallel}.\nCases: {plan.describe()}.\n"
@@ -300,9 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.report:
         runs = [json.loads(path.read_text()) for path in args.report]
-        for data, path in zip(runs, args.report, strict=True):
-            report(data, path)
-        pooled = [data["llama"] for data in runs if data.get("llama")]
+        for saved, path in zip(runs, args.report, strict=True):
+            report(saved, path)
+        pooled = [saved["llama"] for saved in runs if saved.get("llama")]
         if len(pooled) > 1:  # one result: report() printed its pairs already
             print(f"\n## paired, {len(pooled)} result(s) pooled\n\n" + paired_table(pooled))
         return None
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(f"systems: {', '.join(args.systems)}; transformers rows: {not args.skip_hf}")
         return
-    model = gguf_model()
+    model = gguf_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     results_json = args.out / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
     data: dict[str, Any] = {"title": f"{model.name}, {args.threads} threads, "
@@ -331,19 +338,28 @@ def main(argv: list[str] | None = None) -> None:
     report(data, results_json)
 
 
-def gguf_model() -> Path:
+#: --model: file name in bench/.cache and the shape given to randmodel.build
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bench": ("rand-91m-q8_0-noeos.gguf", {}),
+    "large-vocab": ("rand-262k-vocab-q8_0-noeos.gguf", LARGE_VOCAB)}
+
+
+def gguf_model(kind: str = "bench") -> Path:
     """The random GGUF (built once; with the bench venv's gguf if this venv has none)."""
-    path = CACHE / "rand-91m-q8_0-noeos.gguf"
+    name, shape = MODELS[kind]
+    path = CACHE / name
     if path.is_file():
         return path
     try:
         import gguf  # noqa: F401
     except ImportError:
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from randmodel import build; "
-                "from pathlib import Path; build(Path(sys.argv[2]), never_special=True)")
-        subprocess.run([str(BENCH_PYTHON), "-c", code, str(BENCH), str(path)], check=True)
+        code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from randmodel import "
+                "build; from pathlib import Path; build(Path(sys.argv[2]), never_special=True,"
+                " **json.loads(sys.argv[3]))")
+        subprocess.run([str(BENCH_PYTHON), "-c", code, str(BENCH), str(path),
+                        json.dumps(shape)], check=True)
         return path
-    return build(path, never_special=True)
+    return build(path, never_special=True, **shape)
 
 
 def hf_knows_parallel() -> bool:

@@ -82,3 +82,20 @@ def test_phases_split_a_together_case_at_each_first_token() -> None:
     phases = serving.phases(streams, "sweep 8")
     assert phases["sweep 8 first token s"] == pytest.approx(0.6)
     assert phases["sweep 8 ms per token after the first"] == pytest.approx(20.0)  # 2 s, 100 tokens
+
+
+def test_large_vocabulary_model_is_a_choice() -> None:
+    done = run("--dry-run", "--model", "large-vocab", "--skip-hf")
+    assert done.returncode == 0, done.stderr
+    assert "model rand-262k-vocab-q8_0-noeos.gguf" in done.stdout
+
+
+def test_made_up_pieces_are_new_words_of_six_letters_or_more() -> None:
+    randmodel = _import("randmodel")
+    taken = {"\u2581the", "ing"}
+    pieces = randmodel.extra_pieces(taken, 2000, 0)
+    assert len(set(pieces)) == 2000 and not taken & set(pieces)
+    assert all(6 <= len(p.removeprefix("\u2581")) <= 12 and p.removeprefix("\u2581").isalpha()
+               for p in pieces)
+    assert 0.5 < sum(p.startswith("\u2581") for p in pieces) / 2000 < 0.8
+    assert randmodel.extra_pieces(taken, 2000, 0) == pieces  # the same model every build
