@@ -76,15 +76,17 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     return vectors
 
 
-#: Texts per forward pass at most (sentence-transformers' `encode` default is 32; 64 keeps
-#: two cores busier on short texts).
-BATCH_TEXTS = 64
+#: Texts per forward pass at most (sentence-transformers' `encode` default is 32): on a CPU
+#: shared with other work each pass also pays for its threads' waits at every layer, so
+#: fewer, larger passes win.
+BATCH_TEXTS = 128
 #: Padded tokens per forward pass at most: long texts go fewer at a time, so a batch's
 #: activations (and attention scores, batch x heads x length^2) stay small.
-BATCH_TOKENS = 16_384
-#: What one more forward pass costs besides its tokens, in padded tokens' worth (the fixed
-#: cost of running the layers once on a CPU, measured roughly on MiniLM and tiny Llamas).
-PASS_COST_TOKENS = 32
+BATCH_TOKENS = 8_192
+#: What one more forward pass costs besides its tokens, in padded tokens' worth: the fixed
+#: cost of running the layers once (a few tokens' worth on an idle CPU, far more when its
+#: cores are shared and the threads wait for each other at every layer).
+PASS_COST_TOKENS = 128
 
 
 def batches(lengths: list[int], max_texts: int = BATCH_TEXTS,

@@ -32,6 +32,7 @@ import http.client
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process_worker(sys.argv[2], int(sys.argv[3]))
         return 0
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # the servers stop in the `finally` below
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
             "load_before": [round(x, 2) for x in os.getloadavg()], "threads": args.threads,
             "hf_model": args.hf_model.name, "gguf": args.gguf.name if args.gguf else None,
@@ -468,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1))
     return 1 if failures else 0
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 #: Texts the serial loop embeds in one backend call at most, across queued requests (it has no
 #: generations to hold up; the backend splits them into forward passes of its own size).
 SERIAL_EMBED_TEXTS = 4 * EMBED_BATCH
+#: While embedding requests arrive faster than they are served (the last call held more texts
+#: than are queued now), the serial loop waits for more, up to this share of the last call's
+#: time and at most EMBED_WAIT_MAX seconds: many clients sending one text each then fill
+#: one forward pass together instead of trickling into many small ones.
+EMBED_WAIT_SHARE = 0.5
+EMBED_WAIT_MAX = 1.0
 
 
 @dataclass
@@ -105,6 +111,7 @@ class ModelScheduler:
         # the module's docstring for the bound. Changed under `_lock`.
         self._embed_texts_waiting = 0
         self._embed_jobs = 0
+        self._last_embed = (0, 0.0)  # the serial loop's last call: texts, seconds
         self.loaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"engine-{name}", daemon=True)
         # One worker: requests tokenize one after another, on at most one core per model.
@@ -190,18 +197,33 @@ class ModelScheduler:
             if job.texts is None:
                 self._serve_one(job, backend)
                 continue
-            group, texts = [job], len(job.texts)
-            while texts < SERIAL_EMBED_TEXTS and self._jobs.queue:
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None or more.texts is None:
-                    held.append(more)  # served next, in its turn
-                    break
-                group.append(more)
-                texts += len(more.texts)
+            group = [job]
+            held += self._gather_embeds(group)
+            started = time.monotonic()
             self._serve_embeds(group, backend)
+            self._last_embed = (sum(len(j.texts or ()) for j in group),
+                                time.monotonic() - started)
+
+    def _gather_embeds(self, group: list[Job]) -> list[Job | None]:
+        """Add queued embedding jobs to `group` (up to SERIAL_EMBED_TEXTS texts), waiting a
+        little for more while the last call held more texts than this one would (see
+        EMBED_WAIT_SHARE); returns the job that ended the gathering (not an embedding, or
+        None to stop), if any."""
+        texts = sum(len(j.texts or ()) for j in group)
+        last_texts, last_seconds = self._last_embed
+        want = min(SERIAL_EMBED_TEXTS, last_texts)
+        deadline = time.monotonic() + min(EMBED_WAIT_MAX, EMBED_WAIT_SHARE * last_seconds)
+        while texts < SERIAL_EMBED_TEXTS:
+            wait = deadline - time.monotonic() if texts < want else 0.0
+            try:
+                more = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None or more.texts is None:
+                return [more]  # served next, in its turn
+            group.append(more)
+            texts += len(more.texts)
+        return []
 
     def _dequeue(self, job: Job) -> bool:
         """Count a job out of the queue (under `_lock`); False (and answered) when it was

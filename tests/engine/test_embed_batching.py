@@ -48,6 +48,7 @@ class EmbedBackend(Backend):
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.batch = batch
+        self.seconds = 0.0  # each call takes this long
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Backend:
@@ -60,6 +61,7 @@ class EmbedBackend(Backend):
         self.calls.append(list(texts))
         self.entered.set()
         self.gate.wait(10)
+        time.sleep(self.seconds)
         for i, text in enumerate(texts):
             if text == TOO_LONG:
                 raise ContextLengthExceeded(prompt_tokens=99, max_tokens=0, context_length=8,
@@ -205,3 +207,24 @@ def test_cancelled_requests_release_their_texts(backend: EmbedBackend) -> None:
     scheduler.stop()
     assert (scheduler._embed_jobs, scheduler._embed_texts_waiting) == (0, 0)
     assert scheduler.stats.cancelled == 1 and backend.calls == [["first"]]
+
+
+def test_the_serial_loop_waits_briefly_for_a_busy_stream_of_requests() -> None:
+    """After a call of 4 texts, one request arriving alone waits (part of that call's time)
+    for the 3 that follow it: they are embedded together."""
+    backend = EmbedBackend()
+    scheduler, sink = started(backend), Collect()
+    first = [job(sink, "a"), job(sink, "b"), job(sink, "c"), job(sink, "d")]
+    backend.seconds = 1.5  # each call takes 1.5 s: after the call of 4, one may wait 0.75 s
+    submit_while_busy(scheduler, backend, sink, first)
+    backend.seconds = 0.0
+    assert backend.calls[-1] == ["a", "b", "c", "d"]
+    later = [job(sink, "e")]
+    scheduler.submit(later[0])
+    time.sleep(0.1)
+    later += [job(sink, "f"), job(sink, "g"), job(sink, "h")]
+    for one in later[1:]:
+        scheduler.submit(one)
+    wait_for(lambda: all(sink.ended(j) for j in later), what="the later four")
+    scheduler.stop()
+    assert backend.calls[-1] == ["e", "f", "g", "h"]
