@@ -16,8 +16,9 @@ Cases, on the same generated short texts (5 to 16 words):
   hf singles   `--singles` one-text requests, `--clients` at a time (503s counted); baseline:
                sentence-transformers on the same texts;
   gguf batch   as hf batch against llama-server's /embedding (`--embedding --pooling mean`,
-               the same GGUF, threads and context per text, `--parallel` slots), which gets the
-               same requests ({"content": [texts]});
+               the same GGUF, threads and context per text, `--parallel` 64 slots, decodes of
+               at most `--n-ctx` tokens like ours), which gets the same requests
+               ({"content": [texts]});
   gguf singles as hf singles, against llama-server.
 Each round runs every case, ours and the baseline alternating (the order flips each round);
 the table gives median seconds and the median of the per-round ratios (baseline seconds /
@@ -138,7 +139,7 @@ def llama_server(args: argparse.Namespace, workdir: Path) -> Server:
         str(LLAMA_SERVER), "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
         "--embedding", "--pooling", "mean", "-t", str(args.threads), "-tb", str(args.threads),
         "-c", str(args.n_ctx * slots), "--parallel", str(slots), "-b", str(args.n_ctx * slots),
-        "-ub", str(args.n_ctx * slots), "--no-webui", "--log-disable"],
+        "-ub", str(args.n_ctx), "--no-webui", "--log-disable"],
         "/health", workdir / "llama-server.log", args.start_timeout)
 
 
@@ -407,7 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n-ctx", type=int, default=512, help="llama family n_ctx (ours) and "
                         "context per slot (llama-server)")
-    parser.add_argument("--parallel", type=int, default=8, help="llama-server slots")
+    parser.add_argument("--parallel", type=int, default=64, help="llama-server slots (texts "
+                        "per decode at most, as llm-api's GGUF embeddings; each decode at most "
+                        "--n-ctx tokens, as llm-api's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="write the figures here too")
