@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 #: Texts embedded together at most, across coalesced /embeddings requests, between two decode
 #: steps of the generations this loop runs (an embedding call holds them up).
 EMBED_BATCH = 64
+#: While embedding requests arrive faster than they are served (the last call held more texts
+#: than are queued now) and no generation runs or waits, the loop waits for more, up to this
+#: share of the last call's time and at most EMBED_WAIT_MAX seconds: many clients sending one
+#: text each then fill one call together instead of trickling into many small ones.
+EMBED_WAIT_SHARE = 0.5
+EMBED_WAIT_MAX = 1.0
 
 
 def embed_together(scheduler: ModelScheduler, backend: Backend, group: list[Job],
@@ -73,6 +79,7 @@ class BatchLoop:
         self.running: dict[int, Job] = {}
         self._next_key = 0
         self._outbox: list[tuple[Job, Any]] = []  # what this turn emitted to running jobs
+        self._last_embed = (0, 0.0)  # texts and seconds of the last embedding turn
         # An engine that says so hands the outbox over right before its decode (which
         # releases the GIL); the loop then flushes only when nothing runs (it may block next).
         self._deferred = engine.calls_before_decode
@@ -169,6 +176,9 @@ class BatchLoop:
         """Embed jobs together in groups of up to EMBED_BATCH texts (`embed_together`: a
         group that fails is retried in halves, so each request gets its own error)."""
         live = [job for job in jobs if self._begin(job)]
+        if not self.running and not self.waiting:
+            live += self._gather_embeds(sum(len(job.texts or ()) for job in live))
+        started = time.monotonic()
         group: list[Job] = []
         for job in live:
             assert job.texts is not None
@@ -178,6 +188,33 @@ class BatchLoop:
             group.append(job)
         if group:
             self._embed_group(group)
+        self._last_embed = (sum(len(job.texts or ()) for job in live),
+                            time.monotonic() - started)
+
+    def _gather_embeds(self, texts: int) -> list[Job]:
+        """More embedding jobs (begun), waited for while fewer than the last turn's texts
+        are at hand (see EMBED_WAIT_SHARE); a generation arriving ends the wait."""
+        last_texts, last_seconds = self._last_embed
+        want = min(EMBED_BATCH, last_texts)
+        deadline = time.monotonic() + min(EMBED_WAIT_MAX, EMBED_WAIT_SHARE * last_seconds)
+        more: list[Job] = []
+        while texts < want and (wait := deadline - time.monotonic()) > 0:
+            try:
+                job = self.s._jobs.get(timeout=wait)
+            except queue.Empty:
+                break
+            if job is None:
+                self.s._jobs.put(None)  # stopping: the next turn sees it
+                break
+            if job.request is not None:
+                self.waiting.append(job)
+                break
+            if job.texts is None:
+                self._run_other(job)
+            elif self._begin(job):
+                more.append(job)
+                texts += len(job.texts)
+        return more
 
     def _embed_group(self, group: list[Job]) -> None:
         embed_together(self.s, self.backend, group, self._finish)

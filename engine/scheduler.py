@@ -40,7 +40,13 @@ from typing import Any
 
 from backends.base import Backend, BatchEngine, Chunk
 from backends.errors import LLMAPIError, ModelLoadError
-from engine.batching import EMBED_BATCH, BatchLoop, embed_together
+from engine.batching import (
+    EMBED_BATCH,
+    EMBED_WAIT_MAX,
+    EMBED_WAIT_SHARE,
+    BatchLoop,
+    embed_together,
+)
 from engine.errors import ClientDisconnected, ModelNotReady, Overloaded, as_domain_error
 from engine.jobs import END, Job
 from engine.logctx import about, log_outcome
@@ -50,12 +56,8 @@ log = logging.getLogger(__name__)
 #: Texts the serial loop embeds in one backend call at most, across queued requests (it has no
 #: generations to hold up; the backend splits them into forward passes of its own size).
 SERIAL_EMBED_TEXTS = 4 * EMBED_BATCH
-#: While embedding requests arrive faster than they are served (the last call held more texts
-#: than are queued now), the serial loop waits for more, up to this share of the last call's
-#: time and at most EMBED_WAIT_MAX seconds: many clients sending one text each then fill
-#: one forward pass together instead of trickling into many small ones.
-EMBED_WAIT_SHARE = 0.5
-EMBED_WAIT_MAX = 1.0
+# The serial loop waits for more embedding requests as the batch loop does: see
+# engine.batching.EMBED_WAIT_SHARE.
 
 
 @dataclass

@@ -209,10 +209,9 @@ def test_cancelled_requests_release_their_texts(backend: EmbedBackend) -> None:
     assert scheduler.stats.cancelled == 1 and backend.calls == [["first"]]
 
 
-def test_the_serial_loop_waits_briefly_for_a_busy_stream_of_requests() -> None:
+def test_a_busy_stream_of_requests_is_waited_for_briefly(backend: EmbedBackend) -> None:
     """After a call of 4 texts, one request arriving alone waits (part of that call's time)
     for the 3 that follow it: they are embedded together."""
-    backend = EmbedBackend()
     scheduler, sink = started(backend), Collect()
     first = [job(sink, "a"), job(sink, "b"), job(sink, "c"), job(sink, "d")]
     backend.seconds = 1.5  # each call takes 1.5 s: after the call of 4, one may wait 0.75 s
