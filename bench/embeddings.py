@@ -16,8 +16,9 @@ Cases, on the same generated short texts (5 to 16 words):
   hf singles   `--singles` one-text requests, `--clients` at a time (503s counted); baseline:
                sentence-transformers on the same texts;
   gguf batch   as hf batch against llama-server's /embedding (`--embedding --pooling mean`,
-               the same GGUF, threads and context per text, `--parallel` 64 slots, decodes of
-               at most `--n-ctx` tokens like ours), which gets the same requests
+               the same GGUF, threads and context per text, flash attention on in both,
+               `--parallel` 64 slots, decodes of at most `--n-ctx` tokens like ours), which
+               gets the same requests
                ({"content": [texts]});
   gguf singles as hf singles, against llama-server.
 Each round runs every case, ours and the baseline alternating (the order flips each round);
@@ -122,7 +123,7 @@ def llm_api(args: argparse.Namespace, workdir: Path) -> Server:
     if args.gguf is not None:
         models["gguf"] = {"model_family": "llama", "setup_params": {"model_path": str(args.gguf)},
                           "model_params": {**threads, "n_threads_batch": args.threads,
-                                           "n_ctx": args.n_ctx}}
+                                           "n_ctx": args.n_ctx, "flash_attn": True}}
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump({"auth": {"enabled": False},
                                       "data_dir": str(workdir / "data"),
@@ -137,7 +138,8 @@ def llama_server(args: argparse.Namespace, workdir: Path) -> Server:
     slots = args.parallel
     return Server("llama-server", lambda port: [
         str(LLAMA_SERVER), "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--embedding", "--pooling", "mean", "-t", str(args.threads), "-tb", str(args.threads),
+        "--embedding", "--pooling", "mean", "-fa", "on", "-t", str(args.threads),
+        "-tb", str(args.threads),
         "-c", str(args.n_ctx * slots), "--parallel", str(slots), "-b", str(args.n_ctx * slots),
         "-ub", str(args.n_ctx), "--no-webui", "--log-disable"],
         "/health", workdir / "llama-server.log", args.start_timeout)
