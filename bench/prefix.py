@@ -10,8 +10,8 @@ threads, `--parallel` slots (llama-server `-np`, llm-api `model_params.parallel`
 greedy, `--tokens` new tokens. The context is realistic English prose: passages of the Python
 language reference (the standard library's `pydoc_data`), as a RAG service puts retrieved
 documents in front of a question, cut to `--prefix-tokens` tokens of the model's own tokenizer.
-Every repetition draws new passages behind a new first line, so nothing cached by an earlier
-run can be reused.
+Every repetition draws new passages behind a new first line (the same for every system), so
+nothing cached by an earlier run can be reused.
 
 Cases (each run by both systems in turn, the order alternating run by run):
   shared  `--streams` concurrent /v1/completions: one context + a distinct short question each;
@@ -249,10 +249,11 @@ def run(args: argparse.Namespace, model: Path, workdir: Path, samples: Samples,
         for case in args.cases:
             for rep in range(args.reps):
                 shift = rep % len(args.systems)
+                # the same prompts for every system (each server sees them once: none of
+                # them was cached by an earlier run)
+                contexts = [make_context(rng, tokenizer, args.prefix_tokens, library)
+                            for _ in range(args.streams if case == "unique" else 1)]
                 for name in args.systems[shift:] + args.systems[:shift]:
-                    # each system its own contexts: the same sizes, never a cached prefix
-                    contexts = [make_context(rng, tokenizer, args.prefix_tokens, library)
-                                for _ in range(args.streams if case == "unique" else 1)]
                     began = time.perf_counter()
                     metrics = CASES[case](running[name].port, contexts, args.streams,
                                           args.tokens)

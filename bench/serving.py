@@ -68,7 +68,8 @@ Metrics = dict[str, float]
 class Plan:
     """Sizes of every case; --quick shrinks them for a smoke run."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, only: list[str] | None = None) -> None:
+        self.only = only or []  # case names to run (empty: all)
         self.single = (32, 64) if quick else (128, 512)
         self.sweep = (1, 2, 8) if quick else (1, 2, 4, 8, 16)
         self.sweep_tokens = 16 if quick else 96
@@ -80,7 +81,8 @@ class Plan:
 
     def describe(self) -> str:
         streams, tokens, gap = self.stagger
-        return (f"single stream x {self.single[0]} and x {self.single[1]} tokens; "
+        only = f"only {', '.join(self.only)} of: " if self.only else ""
+        return (only + f"single stream x {self.single[0]} and x {self.single[1]} tokens; "
                 f"concurrency sweep {', '.join(map(str, self.sweep))} streams x "
                 f"{self.sweep_tokens} tokens together; {streams} streams x {tokens} tokens "
                 f"arriving {gap} s apart; {len(self.mixed)} streams together of mixed lengths "
@@ -200,6 +202,8 @@ def one_round(order: list[str], settings: Settings, plan: Plan, seed: int,
             stream(running[name].port, "/v1/completions",
                    completion(random.Random(-1), 8))  # warm up
         for case, run in cases(plan):
+            if plan.only and case not in plan.only:
+                continue
             for rep in range(reps):
                 for name in order[rep % len(order):] + order[:rep % len(order)]:
                     if rep and name == LCP:
@@ -256,6 +260,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "(llama-server gets n_ctx x parallel, split into its slots)")
     parser.add_argument("--systems", default=f"{OURS},{CPP},{LCP}", help="comma-separated; "
                         "'none': transformers rows only")
+    parser.add_argument("--cases", default="", help="comma-separated case names to run "
+                        "(default all): 1x128, 1x512, sweep 1, sweep 2, sweep 4, sweep 8, "
+                        "sweep 16, staggered, mixed, chat (--quick: 1x32, 1x64, ...)")
     parser.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     parser.add_argument("--hf-tokens", type=int, default=None, help="tokens per request of "
                         "the transformers rows (default 64; 16 with --quick)")
@@ -313,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         if len(pooled) > 1:  # one result: report() printed its pairs already
             print(f"\n## paired, {len(pooled)} result(s) pooled\n\n" + paired_table(pooled))
         return None
-    plan = Plan(args.quick)
+    plan = Plan(args.quick, [c.strip() for c in args.cases.split(",") if c.strip()])
+    if unknown := set(plan.only) - {name for name, _ in cases(plan)}:
+        sys.exit(f"unknown cases {sorted(unknown)}; known: "
+                 f"{', '.join(name for name, _ in cases(plan))}")
     print(header(args, plan), flush=True)
     if args.dry_run:
         print(f"systems: {', '.join(args.systems)}; transformers rows: {not args.skip_hf}")
