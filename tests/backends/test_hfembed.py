@@ -36,7 +36,7 @@ def test_batches_sort_by_length_and_bound_texts_and_tokens() -> None:
 def test_batches_cut_where_the_lengths_step_down() -> None:
     """One long text is not the padded length of 63 short ones; equal lengths fill batches."""
     assert [len(b) for b in batches([40] + [5] * 63)] == [1, 63]
-    assert sorted(len(b) for b in batches([12] * 130)) == [2, 64, 64]
+    assert sorted(len(b) for b in batches([12] * 130, max_texts=64)) == [2, 64, 64]
 
 
 def one_at_a_time(backend: HFBackend, texts: list[str]) -> torch.Tensor:
