@@ -68,8 +68,11 @@ class LlamaParams(ChatParams):
                           "batching). Each gets its own n_ctx tokens: the KV cache holds "
                           "n_ctx x parallel cells.")
     prompt_chunk: int = Field(256, ge=1, le=65_536, description="Prompt tokens fed per "
-                              "batched decode step while other sequences are generating, so "
-                              "a long prompt never stalls running streams for long (with "
+                              "batched decode step at least while other sequences are "
+                              "generating: the prompts get the batch's share of the sequences "
+                              "waiting for their first token, at least prompt_chunk, so one "
+                              "long prompt stalls many streams little while a burst of new "
+                              "prompts behind one stream is not fed a chunk at a time (with "
                               "none generating, up to max(prompt_chunk, n_batch) a step).")
     prefix_sharing: bool = Field(True, description="Compute a prompt prefix that several "
                                  "sequences share once: a request whose leading tokens "

@@ -221,33 +221,32 @@ class LlamaBatchEngine(BatchEngine):
         self._running = [s for s in self.slots if s.seq is not None]
 
     def _pick_slot(self, tokens: list[int], scope: str | None) -> tuple[Slot, int]:
-        """The free slot that keeps the running ids consecutive (`_adjacent_free`), unless
-        another free one's cache shares at least REUSE_MIN more leading tokens with the
-        prompt: a gap costs every step of every stream (or a move of a whole KV stream),
-        while a short shared prefix saves a few prompt tokens once. Returns the slot and how
-        many leading tokens its cache shares with the prompt."""
+        """Of the free slots that keep the running ids consecutive, the one where the
+        prompt reuses more cached tokens than it evicts, else the least recently used (its
+        cached prefix is the one least likely to be asked for again) — unless another free
+        slot's cache shares at least REUSE_MIN more: a gap costs every step of every stream
+        (or a move of a whole KV stream), while a short shared prefix saves a few prompt
+        tokens once. Returns the slot and how many leading tokens its cache shares."""
         near = self._adjacent_free()
         shared = [(common_prefix(slot.cached, tokens) if slot.scope == scope else 0, slot)
                   for slot in self.slots if slot.seq is None]
-        baseline = next(pair for pair in shared if pair[1] is near)
+        # reused minus evicted cached tokens, then the least recently used
+        baseline = max((pair for pair in shared if pair[1] in near),
+                       key=lambda pair: (2 * pair[0] - len(pair[1].cached), -pair[1].used,
+                                         -pair[1].id))
         best = max(shared, key=lambda pair: (pair[0], -pair[1].id))
         chosen = best if best[0] - baseline[0] >= REUSE_MIN else baseline
         return chosen[1], chosen[0]
 
-    def _adjacent_free(self) -> Slot:
-        """Of the free slots that keep the running ids consecutive (one in a gap, else just
-        below or just above them; any when none runs), the least recently used: its cached
-        prefix is the one least likely to be asked for again."""
+    def _adjacent_free(self) -> list[Slot]:
+        """The free slots that keep the running ids consecutive: those in a gap, else the
+        ones just below and just above them; all when none runs."""
         running = self._running
         if not running:
-            near = [slot for slot in self.slots if slot.seq is None]
-        else:
-            low, high = running[0].id, running[-1].id
-            near = [s for s in self.slots[low:high] if s.seq is None]
-            if not near:
-                near = [self.slots[i] for i in (low - 1, high + 1)
-                        if 0 <= i < len(self.slots)]
-        return min(near, key=lambda slot: (slot.used, slot.id))
+            return [slot for slot in self.slots if slot.seq is None]
+        low, high = running[0].id, running[-1].id
+        near = [s for s in self.slots[low:high] if s.seq is None]
+        return near or [self.slots[i] for i in (low - 1, high + 1) if 0 <= i < len(self.slots)]
 
     # -- shared prefixes -------------------------------------------------------------------
 
@@ -443,8 +442,7 @@ class LlamaBatchEngine(BatchEngine):
                 seq.row = -1
                 continue
             if budget < 0:
-                generating = any(s.seq is not None and s.seq.count for s in running)
-                budget = self.prompt_chunk if generating else self._batch_size
+                budget = self._prompt_budget(running)
             take = min(len(seq.todo), budget)
             budget -= take
             self.computed_tokens += take
@@ -464,6 +462,24 @@ class LlamaBatchEngine(BatchEngine):
         self._batch.n_tokens = n
         self._outputs_n = outputs_n
         return n
+
+    def _prompt_budget(self, running: list[Slot]) -> int:
+        """Prompt tokens this step: a whole batch when nothing generates; else the batch's
+        share of the sequences still computing their prompts, at least `prompt_chunk` — one
+        long prompt among many streams stalls them little, while a burst of new prompts
+        behind one stream is not fed a chunk at a time."""
+        generating = prefilling = 0
+        for slot in running:
+            seq = slot.seq
+            if seq is not None:
+                if seq.count:
+                    generating += 1
+                elif seq.donor is None:
+                    prefilling += 1
+        if not generating:
+            return self._batch_size
+        share = self._batch_size * prefilling // (prefilling + generating)
+        return max(self.prompt_chunk, share)
 
     def _sample(self, slot: Slot, seq: Sequence, out: list[tuple[int, Chunk | Any]],
                 picks: list[int]) -> None:

@@ -193,7 +193,9 @@ def http_request(accounts: Accounts) -> Request:
     settings, and the path."""
     app = SimpleNamespace(state=SimpleNamespace(
         accounts=accounts, metrics=None,
-        settings=SimpleNamespace(server=SimpleNamespace(log_prompts=False))))
+        settings=SimpleNamespace(server=SimpleNamespace(log_prompts=False),
+                                 auth=SimpleNamespace(charge_cached_prompt_tokens=True,
+                                                      prefix_cache_scope="key"))))
     return Request({"type": "http", "app": app, "method": "POST", "path": "/generate",
                     "query_string": b"", "headers": [], "scheme": "http",
                     "server": ("test", 80), "root_path": ""})

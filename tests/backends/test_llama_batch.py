@@ -399,23 +399,41 @@ def test_http_embeddings_arriving_together_match_alone(server: LiveServer) -> No
 
 def test_a_long_prompt_is_fed_in_capped_chunks_while_others_stream(
         engine: LlamaBatchEngine) -> None:
-    engine.admit(0, GenerationRequest(prompt="hello", params=GenerationParams(
-        temperature=0, max_tokens=40)))
+    """Among seven streams, a new prompt gets its share of the batch (one of eight
+    sequences), at least prompt_chunk tokens a step; every stream gets its token each step."""
+    for key in range(7):
+        engine.admit(key, GenerationRequest(prompt=f"hello {key}", params=GenerationParams(
+            temperature=0, max_tokens=60)))
     engine.step()
-    long_prompt = GenerationRequest(prompt="one two three four five six seven " * 8,
+    long_prompt = GenerationRequest(prompt="one two three four five six seven " * 30,
                                     params=GenerationParams(temperature=0, max_tokens=2))
-    prompt_tokens = engine.admit(1, long_prompt).prompt_tokens
-    assert prompt_tokens is not None and prompt_tokens > 3 * engine.prompt_chunk
+    prompt_tokens = engine.admit(7, long_prompt).prompt_tokens
+    budget = max(engine.prompt_chunk, engine._batch_size // 8)
+    assert engine._prompt_budget(engine._running) == budget
+    assert prompt_tokens is not None and prompt_tokens > 3 * budget
     steps = 0
     while True:
         produced = engine.step()
         steps += 1
-        assert any(key == 0 for key, _ in produced)  # the running stream got its token
-        if any(key == 1 and isinstance(c, Chunk) and c.text for key, c in produced):
+        assert {key for key, _ in produced} >= set(range(7))  # every stream got its token
+        if any(key == 7 and isinstance(c, Chunk) and c.text for key, c in produced):
             break
-    assert steps >= prompt_tokens // engine.prompt_chunk
-    engine.cancel(0)
-    engine.cancel(1)
+    assert steps >= prompt_tokens // budget
+    for key in range(8):
+        engine.cancel(key)
+    assert_clean(engine)
+
+
+def test_a_burst_of_prompts_behind_one_stream_gets_most_of_the_batch(
+        engine: LlamaBatchEngine) -> None:
+    engine.admit(0, GenerationRequest(prompt="hello", params=GenerationParams(
+        temperature=0, max_tokens=60)))
+    engine.step()
+    for key in range(1, 8):
+        engine.admit(key, GenerationRequest(prompt=f"prompt {key} " * 30, params=GREEDY))
+    assert engine._prompt_budget(engine._running) == engine._batch_size * 7 // 8
+    for key in range(8):
+        engine.cancel(key)
     assert_clean(engine)
 
 
