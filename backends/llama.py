@@ -314,7 +314,7 @@ class LlamaBackend(Backend):
 
             p = self._params
             self._embedder = LlamaEmbedder(self.model_pointer, self.context_length,
-                                           p.n_threads, p.n_threads_batch, p.flash_attn is True,
+                                           p.n_threads, p.n_threads_batch, p.flash_attn,
                                            p.normalize_embeddings, p.verbose)
         return self._embedder
 

@@ -20,7 +20,7 @@ MAX_SEQUENCES = 64  # texts per decode at most
 
 class LlamaEmbedder:
     def __init__(self, model: Any, context_length: int, n_threads: int | None,
-                 n_threads_batch: int | None, flash_attn: bool, normalize: bool,
+                 n_threads_batch: int | None, flash_attn: bool | str, normalize: bool,
                  verbose: bool = False) -> None:
         import llama_cpp as lib
         from llama_cpp._utils import suppress_stdout_stderr
@@ -39,7 +39,9 @@ class LlamaEmbedder:
         if n_threads:
             params.n_threads = n_threads
             params.n_threads_batch = n_threads_batch or n_threads
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else \
+        # as the generating context: "auto" lets llama.cpp decide (on for CPU)
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn == "auto" else \
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else \
             lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with suppress_stdout_stderr(disable=verbose):  # "pooling_type ... was specified"
             self._ctx = lib.llama_init_from_model(model, params)

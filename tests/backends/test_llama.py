@@ -113,7 +113,8 @@ def test_embeddings_match_llama_cpp_python_and_run_on_the_loaded_weights(
     texts = ["hello world", "something else entirely", "héllo wörld ✓ 日本", "<s> is text here"]
     ours = backend.embed(texts)  # packed into one decode
     reference = Llama(model_path=str(TINY_GGUF), n_ctx=256, n_batch=256, n_ubatch=256,
-                      embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, verbose=False)
+                      embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, verbose=False,
+                      flash_attn=True)  # ours: flash_attn auto, which a CPU resolves to on
     try:
         theirs = reference.embed(texts, normalize=True)
     finally:
