@@ -115,7 +115,9 @@ class ServerSettings(BaseModel):
         "reached over Redis Streams; needs redis_url), inprocess (in the API process: no "
         "isolation, for plugin development).")
     max_queue: int = Field(16, ge=0, le=10_000, description="Requests that may wait per model "
-                           "while one runs; more get 503 with Retry-After.")
+                           "beyond those running; more get 503 with Retry-After. Embedding "
+                           "requests are bounded by texts instead: (max_queue + running "
+                           "slots) x 64 texts may wait (a local or in-process model).")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in "
                                    "total (queue + generation) before it is cancelled.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
