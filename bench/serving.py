@@ -256,8 +256,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
     parser.add_argument("--parallel", type=int, default=8, help="llama-server slots and "
                         "llm-api model_params.parallel")
-    parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence "
-                        "(llama-server gets n_ctx x parallel, split into its slots)")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context per sequence "
+                        "(llama-server gets n_ctx x parallel, split into its slots); default "
+                        "1024, large-vocab 2048 (its made-up pieces come back from text as ~5 "
+                        "tokens each: the chat's turn 2 needs the room)")
     parser.add_argument("--systems", default=f"{OURS},{CPP},{LCP}", help="comma-separated; "
                         "'none': transformers rows only")
     parser.add_argument("--cases", default="", help="comma-separated case names to run "
@@ -272,6 +274,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "the back-to-back pairs of all of them")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.n_ctx = args.n_ctx or (2048 if args.model == "large-vocab" else 1024)
     args.reps = args.reps or (1 if args.quick else 3)
     args.hf_tokens = args.hf_tokens or (16 if args.quick else 64)
     args.systems = [s for s in args.systems.split(",") if s and s != "none"]
