@@ -35,7 +35,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,10 +48,16 @@ from typing import Any
 import yaml
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from serving_systems import (  # noqa: E402
+    BENCH_PYTHON,
+    CACHE,
+    LLAMA_SERVER,
+    free_port,
+)
+from serving_systems import _status as status  # noqa: E402
+
 ROOT = BENCH.parent
-CACHE = BENCH / ".cache"
-LLAMA_SERVER = CACHE / "llama-server"
-BENCH_PYTHON = CACHE / "venv" / "bin" / "python"
 GGUF = CACHE / "all-minilm-l6-v2-f16.gguf"
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 
@@ -69,23 +74,6 @@ def make_texts(n: int, seed: int) -> list[str]:
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def status(port: int, path: str) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path)
-        return connection.getresponse().status
-    except OSError:
-        return 0
-    finally:
-        connection.close()
-
 
 class Server:
     """A server process on a free loopback port, ready once `path` answers 200."""
