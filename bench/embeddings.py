@@ -53,6 +53,7 @@ from serving_systems import (  # noqa: E402
     BENCH_PYTHON,
     CACHE,
     LLAMA_SERVER,
+    Running,
     free_port,
 )
 from serving_systems import _status as status  # noqa: E402
@@ -94,12 +95,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            Running(self.name, self.port, self.proc, self.log).stop()
 
 
 def llm_api(args: argparse.Namespace, workdir: Path) -> Server:
