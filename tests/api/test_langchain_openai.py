@@ -34,7 +34,13 @@ def test_chat_invoke_and_stream(v1: LiveServer, model: str) -> None:
     assert all(isinstance(c, AIMessageChunk) for c in chunks)
     assert "".join(str(c.content) for c in chunks) == reply.content
     total = sum(chunks[1:], chunks[0])
-    assert total.usage_metadata == reply.usage_metadata
+    counts = ("input_tokens", "output_tokens", "total_tokens")  # the cache read varies
+    assert total.usage_metadata and reply.usage_metadata
+    assert [total.usage_metadata[c] for c in counts] == [reply.usage_metadata[c] for c in counts]
+    if model == "tiny":  # llama: the same prompt again comes from the cache but its last
+        # token (langchain-openai maps usage.prompt_tokens_details.cached_tokens here)
+        details = total.usage_metadata.get("input_token_details", {})
+        assert details.get("cache_read") == total.usage_metadata["input_tokens"] - 1
 
 
 class Person(BaseModel):
