@@ -251,7 +251,8 @@ class HFBatchEngine(BatchEngine):
     def _prefill(self, sequence: Sequence, out: Step) -> None:
         if sequence.max_tokens <= 0:
             out.append((sequence.key, Chunk(finish_reason="length", completion_tokens=0,
-                                            prompt_tokens=len(sequence.prompt))))
+                                            prompt_tokens=len(sequence.prompt),
+                                            cached_tokens=0)))
             return
         device = self.model.device
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_one else {}

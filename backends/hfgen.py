@@ -147,4 +147,5 @@ def text_chunks(tokens: Iterator[int], decode: Callable[[list[int]], str], promp
             yield Chunk(text=tail)
     complete = grammar is not None and grammar.complete
     finish = "stop" if hit_stop or complete or count < max_tokens else "length"
-    yield Chunk(finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=count)
+    yield Chunk(finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=count,
+                cached_tokens=0)  # the serial path computes every prompt token
