@@ -4,14 +4,22 @@ One `llama_context` holds `parallel` sequences (`n_seq_max`), each with its own
 `context_length` cells (the KV cache is not unified: the context has context_length x parallel
 cells, so one sequence can never starve another). Each step builds one `llama_batch` ordered
 by sequence id (llama.cpp groups consecutive ids) with the next token of every running
-sequence plus prompt tokens of newly admitted ones, capped at `prompt_chunk` per step so a long
-prompt cannot stall the running streams. Every request samples with its own sampler chain
-(grammar, penalties, top-k/top-p/min-p/temperature and a seeded dist, or greedy).
+sequence plus prompt tokens of newly admitted ones: while others generate, the batch's share
+of the sequences still computing their prompts, at least `prompt_chunk`, so a long prompt
+cannot stall the running streams for long (`_prompt_budget`). Every request samples with its
+own sampler chain (grammar, penalties, top-k/top-p/min-p/temperature and a seeded dist, or
+greedy).
+
+A prompt prefix that several sequences share is computed once (`_share`, see
+docs/continuous-batching.md): a new sequence copies the cells another slot holds for its
+leading tokens, or waits for the sequence still computing them and then copies; only within
+one cache scope (the API key by default).
 
 The running ids are kept consecutive: llama.cpp decodes each run of consecutive ids as its
 own sub-batch, so every gap costs every step one more pass over the weights (4 sequences at ids
-0,2,5,7 took 23 ms a step against 14 ms at 0-3). A new sequence takes the free slot that fills
-a gap or extends the running block, unless another free slot's cached tokens share at least
+0,2,5,7 took 23 ms a step against 14 ms at 0-3). A new sequence takes a free slot that fills
+a gap or extends the running block (of those, the one where it reuses more cached tokens than
+it evicts, else the least recently used), unless another free slot's cached tokens share at least
 REUSE_MIN more leading tokens with its prompt (a chat's earlier turns, a long system prompt);
 the cells after the first mismatch are removed. A finished sequence's cells stay with its slot
 for that reuse; a cancelled one's are removed. When sequences finish out of order and nothing
