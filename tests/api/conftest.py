@@ -47,3 +47,9 @@ def client(v1: LiveServer) -> Iterator[OpenAI]:
 def async_client(v1: LiveServer) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"{v1.url}/v1", api_key="unused", max_retries=0)
 
+
+@pytest.fixture
+def sdk(server: LiveServer) -> Iterator[OpenAI]:
+    """The SDK against the requesting module's own `server` fixture."""
+    with OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client

@@ -37,12 +37,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live.stop()
 
 
-@pytest.fixture
-def sdk(server: LiveServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
 def test_the_model_declares_constrained_output_and_hermes_calls(server: LiveServer) -> None:
     card = server.client.get(f"/v1/models/{MODEL}").json()
     assert {"json_output", "tools"} <= set(card["capabilities"])
