@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import llguidance
@@ -22,31 +21,21 @@ from backends.base import JSON_OUTPUT, GenerationParams, GenerationRequest, Mode
 from backends.errors import InvalidRequest
 from backends.gptq import GPTQBackend, GPTQParams
 from backends.grammar import GrammarLimits, prepare_grammar
-from backends.hf import HFBackend, HFParams
+from backends.hf import HFBackend
 from backends.hf_grammar import to_lark
 from backends.hfbatch import HFBatchEngine
 from engine.ops import ModelLimits, prepare
 from tests.api.test_openai import PERSON
-from tests.backends.conftest import TINY_GPTQ, TINY_HF
+from tests.backends import test_hf_batch
+from tests.backends.conftest import TINY_GPTQ
 from tests.backends.test_grammar import BOUNDED_PATTERNS, BOUNDED_SCHEMAS, validate
 
 ASK = ({"role": "user", "content": "a person as JSON"},)
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[HFBackend]:
-    loaded = HFBackend.load(ModelSpec(name="tiny", path=TINY_HF,
-                                      params=HFParams(device_map="cpu", parallel=8)))
-    assert isinstance(loaded, HFBackend)
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture
-def engine(backend: HFBackend) -> HFBatchEngine:
-    made = backend.batch_engine()
-    assert isinstance(made, HFBatchEngine)
-    return made
+# the tiny model's backend (module scope) and its batching engine, as test_hf_batch has them
+backend = test_hf_batch.backend
+engine = test_hf_batch.engine
 
 
 def asking(schema: Any = None, **params: Any) -> GenerationRequest:
